@@ -1,0 +1,392 @@
+/* vdbus — backend "file": a regular file or a block device.
+ *
+ * Flush is fdatasync; FUA writes use RWF_DSYNC; trim punches holes (or
+ * BLKDISCARD on a block device); write_zeroes uses fallocate where it can;
+ * block status comes from SEEK_DATA/SEEK_HOLE.  The file is locked with
+ * flock() (exclusive read-write, shared read-only) so two disks or two
+ * daemons cannot open one file read-write.  A file we may only read plugs
+ * read-only.  I/O is synchronous on the calling thread. */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <vdbus/backend.h>
+
+#define FILE_ZERO_CHUNK (1u << 20)
+
+struct file {
+  int fd;
+  bool is_bdev;
+  bool readonly;
+  uint64_t size;
+  bool can_punch, can_zero_range; /* cleared when the filesystem says no */
+};
+
+static const uint8_t zero_chunk[FILE_ZERO_CHUNK];
+
+static int file_open_fd(const char *path, bool create, bool want_ro, bool *ro)
+{
+  int fd;
+
+  if (create) {
+    fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0 && errno == EEXIST)
+      vdb_set_error("file backend: %s already exists (--create never overwrites; drop --create to use it)", path);
+    else if (fd < 0)
+      vdb_set_error("file backend: cannot create %s: %s", path, strerror(errno));
+    return fd < 0 ? -errno : fd;
+  }
+  *ro = want_ro;
+  fd = want_ro ? -1 : open(path, O_RDWR | O_CLOEXEC);
+  if (fd < 0 && (want_ro || errno == EACCES || errno == EROFS || errno == EPERM)) {
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    *ro = true;
+  }
+  if (fd < 0) {
+    int e = errno;
+    vdb_set_error("file backend: cannot open %s: %s", path, strerror(e));
+    return -e;
+  }
+  return fd;
+}
+
+static int file_check_type(struct file *f, const char *path, uint64_t *actual)
+{
+  struct stat st;
+
+  if (fstat(f->fd, &st) < 0)
+    return -errno;
+  if (S_ISBLK(st.st_mode)) {
+    f->is_bdev = true;
+    if (ioctl(f->fd, BLKGETSIZE64, actual) < 0) {
+      vdb_set_error("file backend: %s: BLKGETSIZE64: %s", path, strerror(errno));
+      return -errno;
+    }
+    return 0;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    vdb_set_error("file backend: %s is neither a regular file nor a block device", path);
+    return -EINVAL;
+  }
+  *actual = (uint64_t)st.st_size;
+  return 0;
+}
+
+static int file_lock(struct file *f, const char *path)
+{
+  if (flock(f->fd, (f->readonly ? LOCK_SH : LOCK_EX) | LOCK_NB) < 0) {
+    int e = errno;
+    if (e == EWOULDBLOCK) {
+      vdb_set_error("file backend: %s is in use by another disk or program (locked)", path);
+      return -EBUSY;
+    }
+    vdb_set_error("file backend: cannot lock %s: %s", path, strerror(e));
+    return -e;
+  }
+  return 0;
+}
+
+/* Decide the disk size from --size and the file's actual size. */
+static int file_size(struct file *f, const struct vdb_params *params, const char *path,
+                     bool create, uint64_t actual)
+{
+  uint64_t want;
+  int r = vdb_params_get_size(params, "size", &want);
+
+  if (r == -EINVAL) {
+    vdb_set_error("file backend: bad size '%s'", vdb_params_get(params, "size"));
+    return r;
+  }
+  if (create) {
+    if (r == -ENOENT || want == 0) {
+      vdb_set_error("file backend: --create needs --size");
+      return -EINVAL;
+    }
+    if (ftruncate(f->fd, (off_t)want) < 0) {
+      r = -errno;
+      vdb_set_error("file backend: cannot size %s: %s", path, strerror(errno));
+      return r;
+    }
+    f->size = want;
+    return 0;
+  }
+  if (r == -ENOENT) {
+    if (actual == 0) {
+      vdb_set_error("file backend: %s is empty; give --size with --create for a new file", path);
+      return -EINVAL;
+    }
+    f->size = actual;
+    return 0;
+  }
+  if (want == 0 || want > actual) {
+    vdb_set_error("file backend: --size %llu does not fit %s (%llu bytes)",
+                  (unsigned long long)want, path, (unsigned long long)actual);
+    return -EINVAL;
+  }
+  f->size = want;
+  return 0;
+}
+
+static int file_open(const struct vdb_params *params, void **handle, struct vdb_backend_info *info)
+{
+  const char *path = vdb_params_get(params, "path");
+  bool create = vdb_params_get_bool(params, "create");
+  struct file *f;
+  uint64_t actual = 0;
+  int r;
+
+  if (!path || !*path) {
+    vdb_set_error("file backend: a file path is required");
+    return -EINVAL;
+  }
+  f = calloc(1, sizeof *f);
+  if (!f)
+    return -ENOMEM;
+  f->fd = file_open_fd(path, create, vdb_params_get_bool(params, "readonly"), &f->readonly);
+  if (f->fd < 0) {
+    r = f->fd;
+    free(f);
+    return r;
+  }
+  r = file_check_type(f, path, &actual);
+  if (r == 0)
+    r = file_lock(f, path);
+  if (r == 0)
+    r = file_size(f, params, path, create, actual);
+  if (r < 0)
+    goto err;
+  f->can_punch = f->can_zero_range = true;
+  info->size = f->size;
+  info->readonly = f->readonly;
+  info->volatile_cache = true;
+  snprintf(info->description, sizeof info->description, "%s %s",
+           f->is_bdev ? "block device" : "file", path);
+  *handle = f;
+  return 0;
+
+err:
+  close(f->fd);
+  if (create)
+    unlink(path);
+  free(f);
+  return r;
+}
+
+static void file_close(void *handle)
+{
+  struct file *f = handle;
+
+  if (!f->readonly)
+    fdatasync(f->fd);
+  close(f->fd);
+  free(f);
+}
+
+static void file_read(void *handle, struct vdb_req *req)
+{
+  struct file *f = handle;
+  uint8_t *buf = req->buf;
+  uint64_t done = 0;
+
+  while (done < req->len) {
+    ssize_t n = pread(f->fd, buf + done, req->len - done, (off_t)(req->offset + done));
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n < 0) {
+      vdb_req_complete(req, -errno);
+      return;
+    }
+    if (n == 0) { /* the file shrank under us: past its end reads as zeroes */
+      memset(buf + done, 0, req->len - done);
+      break;
+    }
+    done += (uint64_t)n;
+  }
+  vdb_req_complete(req, 0);
+}
+
+static int file_pwrite_all(struct file *f, const void *buf, uint64_t len, uint64_t off, int rwflags)
+{
+  uint64_t done = 0;
+
+  while (done < len) {
+    struct iovec iov = { (uint8_t *)buf + done, len - done };
+    ssize_t n = pwritev2(f->fd, &iov, 1, (off_t)(off + done), rwflags);
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n < 0)
+      return -errno;
+    done += (uint64_t)n;
+  }
+  return 0;
+}
+
+static void file_write(void *handle, struct vdb_req *req)
+{
+  int flags = (req->flags & VDB_REQ_FUA) ? RWF_DSYNC : 0;
+
+  vdb_req_complete(req, file_pwrite_all(handle, req->buf, req->len, req->offset, flags));
+}
+
+static void file_flush(void *handle, struct vdb_req *req)
+{
+  struct file *f = handle;
+
+  vdb_req_complete(req, fdatasync(f->fd) < 0 ? -errno : 0);
+}
+
+static int file_fua(struct file *f, const struct vdb_req *req)
+{
+  if ((req->flags & VDB_REQ_FUA) && fdatasync(f->fd) < 0)
+    return -errno;
+  return 0;
+}
+
+static void file_trim(void *handle, struct vdb_req *req)
+{
+  struct file *f = handle;
+  int r = 0;
+
+  if (f->is_bdev) {
+    /* Discard is advisory: only the 512-aligned middle is discarded. */
+    uint64_t a = (req->offset + 511) & ~511ull, b = (req->offset + req->len) & ~511ull;
+    uint64_t range[2] = { a, b - a };
+    if (b > a && ioctl(f->fd, BLKDISCARD, range) < 0 && errno != EOPNOTSUPP)
+      r = -errno;
+  } else if (f->can_punch &&
+             fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                       (off_t)req->offset, (off_t)req->len) < 0) {
+    if (errno == EOPNOTSUPP)
+      f->can_punch = false;
+    else
+      r = -errno;
+  }
+  if (r == 0)
+    r = file_fua(f, req);
+  vdb_req_complete(req, r);
+}
+
+/* Try the fast ways to zero; 0 on success, -EOPNOTSUPP when none works. */
+static int file_zero_fast(struct file *f, const struct vdb_req *req)
+{
+  int mode;
+
+  if (!(req->flags & VDB_REQ_NO_HOLE) && f->can_punch && !f->is_bdev) {
+    if (fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  (off_t)req->offset, (off_t)req->len) == 0)
+      return 0;
+    if (errno != EOPNOTSUPP)
+      return -errno;
+    f->can_punch = false;
+  }
+  if (!f->can_zero_range)
+    return -EOPNOTSUPP;
+  mode = FALLOC_FL_ZERO_RANGE | (f->is_bdev ? FALLOC_FL_KEEP_SIZE : 0);
+  if (fallocate(f->fd, mode, (off_t)req->offset, (off_t)req->len) == 0)
+    return 0;
+  if (errno != EOPNOTSUPP && errno != EINVAL && errno != ENODEV)
+    return -errno;
+  f->can_zero_range = false;
+  return -EOPNOTSUPP;
+}
+
+static void file_write_zeroes(void *handle, struct vdb_req *req)
+{
+  struct file *f = handle;
+  int r = file_zero_fast(f, req);
+
+  if (r == -EOPNOTSUPP && !(req->flags & VDB_REQ_FAST_ZERO)) {
+    r = 0;
+    for (uint64_t done = 0; r == 0 && done < req->len; done += FILE_ZERO_CHUNK) {
+      uint64_t n = req->len - done < FILE_ZERO_CHUNK ? req->len - done : FILE_ZERO_CHUNK;
+      r = file_pwrite_all(f, zero_chunk, n, req->offset + done, 0);
+    }
+  }
+  if (r == 0)
+    r = file_fua(f, req);
+  vdb_req_complete(req, r);
+}
+
+static void file_cache(void *handle, struct vdb_req *req)
+{
+  struct file *f = handle;
+
+  posix_fadvise(f->fd, (off_t)req->offset, (off_t)req->len, POSIX_FADV_WILLNEED);
+  vdb_req_complete(req, 0);
+}
+
+static void file_add_extent(struct vdb_req *req, uint64_t len, uint32_t flags)
+{
+  struct vdb_extent *e = &req->extents[req->nr_extents];
+
+  if (req->nr_extents > 0 && e[-1].flags == flags) {
+    e[-1].length += len;
+    return;
+  }
+  e->length = len;
+  e->flags = flags;
+  req->nr_extents++;
+}
+
+static void file_block_status(void *handle, struct vdb_req *req)
+{
+  struct file *f = handle;
+  uint64_t off = req->offset, end = req->offset + req->len;
+
+  if (f->is_bdev) {
+    file_add_extent(req, req->len, 0);
+    vdb_req_complete(req, 0);
+    return;
+  }
+  while (off < end && req->nr_extents < req->max_extents) {
+    off_t data = lseek(f->fd, (off_t)off, SEEK_DATA);
+    uint64_t next;
+
+    if (data < 0 && errno != ENXIO) { /* no SEEK_DATA here: all data */
+      file_add_extent(req, end - off, 0);
+      break;
+    }
+    if (data < 0 || (uint64_t)data > off) { /* a hole up to data (or EOF) */
+      next = data < 0 || (uint64_t)data > end ? end : (uint64_t)data;
+      file_add_extent(req, next - off, VDB_EXTENT_HOLE | VDB_EXTENT_ZERO);
+    } else {
+      off_t hole = lseek(f->fd, (off_t)off, SEEK_HOLE);
+      next = hole < 0 || (uint64_t)hole > end ? end : (uint64_t)hole;
+      file_add_extent(req, next - off, 0);
+    }
+    off = next;
+    if (req->flags & VDB_REQ_ONE)
+      break;
+  }
+  vdb_req_complete(req, 0);
+}
+
+const struct vdb_backend_ops vdb_backend_file = {
+  .api_version = VDB_BACKEND_API_VERSION,
+  .struct_size = sizeof(struct vdb_backend_ops),
+  .name = "file",
+  .summary = "a regular file or a block device",
+  .usage = "path=PATH      the file or block device, required (positional)\n"
+           "size=SIZE      disk size (default: the file's size; required with create)\n"
+           "create=1       create a new sparse file (never overwrites an existing one)\n"
+           "readonly=1     open the file read-only\n",
+  .positional = "path",
+  .open = file_open,
+  .close = file_close,
+  .read = file_read,
+  .write = file_write,
+  .flush = file_flush,
+  .trim = file_trim,
+  .write_zeroes = file_write_zeroes,
+  .cache = file_cache,
+  .block_status = file_block_status,
+};

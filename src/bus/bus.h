@@ -1,0 +1,129 @@
+/* vdbus — the bus: the registry of plugged disks, request validation,
+ * capabilities, counters and disk lifetime.
+ *
+ * Threads and locks: plug/unplug run on the control thread.  Lookups
+ * (vdb_bus_get) and request submission run on any thread.  The registry is
+ * protected by bus_lock (bus.c); each disk has its own lock protecting its
+ * user list.  Lock order: bus_lock, then disk->lock. */
+#ifndef VDB_BUS_H
+#define VDB_BUS_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <vdbus/backend.h>
+#include "common/params.h"
+
+#define VDB_NAME_MAX 64
+#define VDB_DEVICE_MAX 64
+
+struct vdb_frontend_ops;
+
+/* What the user asked for when plugging a disk (and what bus.json keeps). */
+struct vdb_disk_config {
+  char name[VDB_NAME_MAX];       /* empty = pick vdN */
+  char backend[32];              /* "ram", "file", … */
+  struct vdb_params params;      /* backend parameters */
+  uint32_t block_size;           /* 512 or 4096 */
+  bool readonly;
+  bool export;                   /* visible as an NBD export */
+  char attach[16];               /* "auto", "loop", "none" */
+};
+
+struct vdb_disk_stats {
+  _Atomic uint64_t reads, writes, flushes, trims, zeroes, caches, block_status;
+  _Atomic uint64_t bytes_read, bytes_written;
+  _Atomic uint64_t errors;
+  _Atomic uint64_t inflight;
+};
+
+/* Someone holding the disk open (an NBD connection, …).  kick() is called,
+ * from the control thread with no bus lock held, when the disk is being
+ * unplugged: the user must finish its in-flight requests, stop submitting,
+ * and then call vdb_disk_remove_user() (from any thread). */
+struct vdb_disk_user {
+  void (*kick)(struct vdb_disk_user *u);
+  void *arg;
+  struct vdb_disk_user *next, *prev;
+};
+
+struct vdb_disk {
+  char name[VDB_NAME_MAX];
+  struct vdb_disk_config cfg;          /* as plugged, for persistence */
+  const struct vdb_backend_ops *ops;
+  void *handle;                         /* backend instance */
+  struct vdb_backend_info info;
+
+  uint64_t size;                        /* bytes */
+  uint32_t block_size;                  /* 512 or 4096: logical block for attach */
+  bool readonly;
+  bool export;
+
+  /* Capabilities, derived once at plug time. */
+  bool can_write, can_flush, can_fua, can_trim, can_zero, can_fast_zero,
+       can_cache, can_extents, can_multi_conn;
+
+  /* Local attachment (NULL fe when not attached). */
+  const struct vdb_frontend_ops *fe;
+  void *fe_priv;
+  char device[VDB_DEVICE_MAX];          /* "/dev/loop3" or "" */
+
+  struct vdb_disk_stats stats;
+
+  /* Lifetime. */
+  _Atomic int refs;                     /* registry holds one */
+  _Atomic bool closing;                 /* being unplugged: no new users */
+  pthread_mutex_t lock;                 /* protects users, nusers */
+  pthread_cond_t cond;                  /* signalled when users leave / inflight drops */
+  struct vdb_disk_user *users;
+  int nusers;
+  struct vdb_disk *next;                /* registry list, under bus_lock */
+};
+
+/* Global settings (set by vdbusd before plugging anything). */
+struct vdb_bus_settings {
+  char run_dir[256];
+  char state_dir[256];
+};
+extern struct vdb_bus_settings vdb_bus_settings;
+
+/* Plug a disk: open the backend, derive capabilities, attach locally as
+ * cfg->attach says, register.  Control thread.  Returns 0 and a new
+ * reference in *out (may be NULL), or -errno with vdb_set_error(). */
+int vdb_bus_plug(const struct vdb_disk_config *cfg, struct vdb_disk **out);
+/* Unplug: refuse with -EBUSY if the attached device is in use and !force;
+ * kick users and wait for them, flush, detach, close.  Control thread. */
+int vdb_bus_unplug(const char *name, bool force);
+/* Unplug everything (shutdown).  Control thread. */
+void vdb_bus_unplug_all(void);
+
+/* Look a disk up by name and take a reference.  -ENOENT if there is no such
+ * disk (or it is being unplugged).  Any thread. */
+int vdb_bus_get(const char *name, struct vdb_disk **out);
+void vdb_disk_get(struct vdb_disk *d);
+void vdb_disk_put(struct vdb_disk *d);
+
+/* All plugged disks, each with a reference, in plug order.  Caller frees
+ * with vdb_bus_list_free().  Returns the count or -ENOMEM. */
+int vdb_bus_list(struct vdb_disk ***out);
+void vdb_bus_list_free(struct vdb_disk **v, int n);
+
+/* Register as a user (0), or -ESHUTDOWN if the disk is being unplugged. */
+int vdb_disk_add_user(struct vdb_disk *d, struct vdb_disk_user *u);
+void vdb_disk_remove_user(struct vdb_disk *d, struct vdb_disk_user *u);
+
+/* Submit a request.  Validates it (range: -EINVAL, or -ENOSPC for writes
+ * past the end; read-only: -EPERM; capability: -EOPNOTSUPP) and hands it to
+ * the backend.  req->done is always called exactly once, possibly before
+ * this returns.  Any thread. */
+void vdb_disk_submit(struct vdb_disk *d, struct vdb_req *req);
+
+/* Flush synchronously (control path): 0 or -errno. */
+int vdb_disk_flush_sync(struct vdb_disk *d);
+
+/* Called by the bus whenever the set of disks changes (state persistence). */
+extern void (*vdb_bus_on_change)(void);
+
+#endif

@@ -1,0 +1,150 @@
+/* vdbus — request validation and completion: the one place where range,
+ * read-only and capability checks happen, so backends can trust their input. */
+#include <assert.h>
+#include <errno.h>
+
+#include "bus/bus.h"
+#include "common/log.h"
+
+void vdb_req_complete(struct vdb_req *req, int err)
+{
+  struct vdb_disk *d = req->disk;
+
+  assert(err <= 0);
+  if (err < 0) {
+    atomic_fetch_add_explicit(&d->stats.errors, 1, memory_order_relaxed);
+    vdb_dbg(VDB_DBG_IO, "%s: request type %d off %llu len %llu failed: %d", d->name,
+            (int)req->type, (unsigned long long)req->offset,
+            (unsigned long long)req->len, err);
+  }
+  /* done() may free req (and drop its disk reference): touch neither after. */
+  if (atomic_fetch_sub_explicit(&d->stats.inflight, 1, memory_order_acq_rel) == 1 &&
+      atomic_load_explicit(&d->closing, memory_order_acquire)) {
+    pthread_mutex_lock(&d->lock);
+    pthread_cond_broadcast(&d->cond);
+    pthread_mutex_unlock(&d->lock);
+  }
+  req->done(req, err);
+}
+
+/* Returns 0 when the request may go to the backend, 1 when the bus has
+ * already answered it (success with nothing to do), or -errno. */
+static int req_validate(struct vdb_disk *d, struct vdb_req *req)
+{
+  bool is_write = req->type == VDB_REQ_WRITE || req->type == VDB_REQ_TRIM ||
+                  req->type == VDB_REQ_WRITE_ZEROES;
+
+  if ((unsigned)req->type >= VDB_REQ_NR_TYPES)
+    return -EINVAL;
+  if (is_write && d->readonly)
+    return -EPERM;
+  if (req->type == VDB_REQ_FLUSH)
+    return d->ops->flush ? 0 : 1;
+  if (req->offset > d->size || req->len > d->size - req->offset)
+    return req->type == VDB_REQ_WRITE || req->type == VDB_REQ_WRITE_ZEROES ? -ENOSPC : -EINVAL;
+  if (req->len == 0)
+    return 1;
+  if (!d->can_fua)
+    req->flags &= ~VDB_REQ_FUA;
+  switch (req->type) {
+  case VDB_REQ_TRIM:
+    return d->can_trim ? 0 : -EOPNOTSUPP;
+  case VDB_REQ_WRITE_ZEROES:
+    if (!d->can_zero)
+      return -EOPNOTSUPP;
+    return 0;
+  case VDB_REQ_CACHE:
+    return d->ops->cache ? 0 : 1;
+  case VDB_REQ_BLOCK_STATUS:
+    if (!d->ops->block_status) {
+      req->extents[0].length = req->len;
+      req->extents[0].flags = 0;
+      req->nr_extents = 1;
+      return 1;
+    }
+    return req->max_extents >= 1 ? 0 : -EINVAL;
+  default:
+    return 0;
+  }
+}
+
+static void req_count(struct vdb_disk *d, const struct vdb_req *req)
+{
+  struct vdb_disk_stats *s = &d->stats;
+
+  switch (req->type) {
+  case VDB_REQ_READ:
+    atomic_fetch_add_explicit(&s->reads, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&s->bytes_read, req->len, memory_order_relaxed);
+    break;
+  case VDB_REQ_WRITE:
+    atomic_fetch_add_explicit(&s->writes, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&s->bytes_written, req->len, memory_order_relaxed);
+    break;
+  case VDB_REQ_FLUSH: atomic_fetch_add_explicit(&s->flushes, 1, memory_order_relaxed); break;
+  case VDB_REQ_TRIM: atomic_fetch_add_explicit(&s->trims, 1, memory_order_relaxed); break;
+  case VDB_REQ_WRITE_ZEROES: atomic_fetch_add_explicit(&s->zeroes, 1, memory_order_relaxed); break;
+  case VDB_REQ_CACHE: atomic_fetch_add_explicit(&s->caches, 1, memory_order_relaxed); break;
+  case VDB_REQ_BLOCK_STATUS: atomic_fetch_add_explicit(&s->block_status, 1, memory_order_relaxed); break;
+  default: break;
+  }
+}
+
+void vdb_disk_submit(struct vdb_disk *d, struct vdb_req *req)
+{
+  const struct vdb_backend_ops *ops = d->ops;
+  int r;
+
+  req->disk = d;
+  req->nr_extents = 0;
+  atomic_fetch_add_explicit(&d->stats.inflight, 1, memory_order_relaxed);
+  r = req_validate(d, req);
+  if (r != 0) {
+    vdb_req_complete(req, r < 0 ? r : 0);
+    return;
+  }
+  req_count(d, req);
+  switch (req->type) {
+  case VDB_REQ_READ: ops->read(d->handle, req); break;
+  case VDB_REQ_WRITE: ops->write(d->handle, req); break;
+  case VDB_REQ_FLUSH: ops->flush(d->handle, req); break;
+  case VDB_REQ_TRIM: ops->trim(d->handle, req); break;
+  case VDB_REQ_WRITE_ZEROES: ops->write_zeroes(d->handle, req); break;
+  case VDB_REQ_CACHE: ops->cache(d->handle, req); break;
+  case VDB_REQ_BLOCK_STATUS: ops->block_status(d->handle, req); break;
+  default: vdb_req_complete(req, -EINVAL); break;
+  }
+}
+
+struct sync_wait {
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  bool done;
+  int err;
+};
+
+static void sync_done(struct vdb_req *req, int err)
+{
+  struct sync_wait *w = req->opaque;
+
+  pthread_mutex_lock(&w->lock);
+  w->done = true;
+  w->err = err;
+  pthread_cond_signal(&w->cond);
+  pthread_mutex_unlock(&w->lock);
+}
+
+int vdb_disk_flush_sync(struct vdb_disk *d)
+{
+  struct sync_wait w = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false, 0 };
+  struct vdb_req req = { .type = VDB_REQ_FLUSH, .done = sync_done, .opaque = &w };
+
+  if (d->readonly)
+    return 0;
+  vdb_disk_submit(d, &req);
+  pthread_mutex_lock(&w.lock);
+  while (!w.done)
+    pthread_cond_wait(&w.cond, &w.lock);
+  pthread_mutex_unlock(&w.lock);
+  return w.err;
+}

@@ -1,0 +1,176 @@
+/* vdbus — `vdbus plug` and `vdbus unplug`. */
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli/cli.h"
+#include "common/size.h"
+
+/* Options that become backend parameters: --OPT VALUE → params[KEY]. */
+static const struct { const char *opt, *key; } param_opts[] = {
+  { "--size", "size" },
+  { "--error-rate", "error-rate" }, { "--error-ops", "error-ops" },
+  { "--error-errno", "error-errno" },
+  { "--delay-read", "delay-read" }, { "--delay-write", "delay-write" },
+  { "--delay-other", "delay-other" },
+};
+
+struct plug_req {
+  json_t *args;
+  json_t *params;
+  const char *positional;
+};
+
+static const char *opt_value(int argc, char **argv, int *i)
+{
+  if (*i + 1 >= argc)
+    cli_usage_error("option '%s' needs a value", argv[*i]);
+  return argv[++*i];
+}
+
+static void check_size(const char *v)
+{
+  uint64_t sz;
+  int r = vdb_size_parse(v, &sz);
+
+  if (r < 0 || sz == 0)
+    cli_die("plug", "bad size '%s': %s", v, r == -ERANGE ? "too large" :
+            "use a positive number of bytes, optionally with K, M, G or T");
+}
+
+static bool plug_param_opt(struct plug_req *p, int argc, char **argv, int *i)
+{
+  for (size_t k = 0; k < sizeof param_opts / sizeof param_opts[0]; k++)
+    if (strcmp(argv[*i], param_opts[k].opt) == 0) {
+      const char *v = opt_value(argc, argv, i);
+      if (strcmp(param_opts[k].key, "size") == 0)
+        check_size(v);
+      json_object_set_new(p->params, param_opts[k].key, json_string(v));
+      return true;
+    }
+  return false;
+}
+
+static void plug_param_kv(struct plug_req *p, const char *kv)
+{
+  const char *eq = strchr(kv, '=');
+  char key[64];
+
+  if (!eq || eq == kv || (size_t)(eq - kv) >= sizeof key)
+    cli_usage_error("--param takes KEY=VALUE, not '%s'", kv);
+  snprintf(key, sizeof key, "%.*s", (int)(eq - kv), kv);
+  json_object_set_new(p->params, key, json_string(eq + 1));
+}
+
+static void plug_option(struct plug_req *p, int argc, char **argv, int *i)
+{
+  const char *a = argv[*i];
+
+  if (plug_param_opt(p, argc, argv, i))
+    return;
+  if (strcmp(a, "--name") == 0) {
+    json_object_set_new(p->args, "name", json_string(opt_value(argc, argv, i)));
+  } else if (strcmp(a, "--readonly") == 0 || strcmp(a, "-r") == 0) {
+    json_object_set_new(p->args, "readonly", json_true());
+  } else if (strcmp(a, "--create") == 0) {
+    json_object_set_new(p->params, "create", json_string("1"));
+  } else if (strcmp(a, "--no-export") == 0) {
+    json_object_set_new(p->args, "export", json_false());
+  } else if (strcmp(a, "--block-size") == 0) {
+    const char *v = opt_value(argc, argv, i);
+    if (strcmp(v, "512") != 0 && strcmp(v, "4096") != 0)
+      cli_die("plug", "bad block size '%s': use 512 or 4096", v);
+    json_object_set_new(p->args, "block_size", json_integer(atoi(v)));
+  } else if (strcmp(a, "--attach") == 0) {
+    const char *v = opt_value(argc, argv, i);
+    if (strcmp(v, "auto") != 0 && strcmp(v, "loop") != 0 && strcmp(v, "none") != 0)
+      cli_die("plug", "bad attach mode '%s': use auto, loop or none", v);
+    json_object_set_new(p->args, "attach", json_string(v));
+  } else if (strcmp(a, "--param") == 0) {
+    plug_param_kv(p, opt_value(argc, argv, i));
+  } else {
+    cli_usage_error("plug: unknown option '%s'", a);
+  }
+}
+
+/* The positional argument of a backend that takes one (file PATH). */
+static void plug_positional(struct plug_req *p, const char *backend, const char *arg)
+{
+  char abs[PATH_MAX];
+
+  if (strcmp(backend, "file") != 0)
+    cli_usage_error("plug %s: unexpected argument '%s'", backend, arg);
+  if (p->positional)
+    cli_usage_error("plug file: only one PATH, not '%s' too", arg);
+  p->positional = arg;
+  /* The daemon has its own working directory: send an absolute path. */
+  if (arg[0] != '/') {
+    if (!getcwd(abs, sizeof abs) || strlen(abs) + strlen(arg) + 2 > sizeof abs)
+      cli_die("plug", "cannot make '%s' absolute", arg);
+    strcat(abs, "/");
+    strcat(abs, arg);
+    arg = abs;
+  }
+  json_object_set_new(p->params, "path", json_string(arg));
+}
+
+static void plug_print(json_t *d)
+{
+  printf("%s\n", json_string_value(json_object_get(d, "name")));
+}
+
+int cli_plug(int argc, char **argv)
+{
+  struct plug_req p = { json_object(), json_object(), NULL };
+  const char *backend;
+  json_t *res;
+
+  if (argc < 2)
+    cli_usage_error("plug needs a backend: ram, file, error, delay");
+  backend = argv[1];
+  json_object_set_new(p.args, "backend", json_string(backend));
+  for (int i = 2; i < argc; i++) {
+    if (argv[i][0] == '-' && argv[i][1])
+      plug_option(&p, argc, argv, &i);
+    else
+      plug_positional(&p, backend, argv[i]);
+  }
+  if (strcmp(backend, "file") == 0 && !p.positional)
+    cli_usage_error("plug file needs a PATH");
+  json_object_set_new(p.args, "params", p.params);
+  res = cli_call("plug", "plug", p.args);
+  plug_print(res);
+  json_decref(res);
+  return 0;
+}
+
+int cli_unplug(int argc, char **argv)
+{
+  json_t *args = json_object();
+  const char *name = NULL;
+  bool all = false;
+
+  for (int i = 1; i < argc; i++) {
+    if (strcmp(argv[i], "--force") == 0 || strcmp(argv[i], "-f") == 0)
+      json_object_set_new(args, "force", json_true());
+    else if (strcmp(argv[i], "--all") == 0 || strcmp(argv[i], "-a") == 0)
+      all = true;
+    else if (argv[i][0] == '-')
+      cli_usage_error("unplug: unknown option '%s'", argv[i]);
+    else if (name)
+      cli_usage_error("unplug takes one NAME");
+    else
+      name = argv[i];
+  }
+  if (all == (name != NULL))
+    cli_usage_error("unplug needs a disk NAME or --all");
+  if (all)
+    json_object_set_new(args, "all", json_true());
+  else
+    json_object_set_new(args, "name", json_string(name));
+  json_decref(cli_call(name ? name : "unplug", "unplug", args));
+  return 0;
+}

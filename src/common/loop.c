@@ -1,0 +1,307 @@
+/* vdbus — the event loop (epoll + timer list + eventfd call queue) and the
+ * worker-loop threads. */
+#include <assert.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "common/loop.h"
+
+struct vdb_call {
+  void (*fn)(void *arg);
+  void *arg;
+  struct vdb_call *next;
+};
+
+struct vdb_loop {
+  int epfd;
+  struct vdb_watch wake;           /* eventfd: posted calls and stop */
+  pthread_mutex_t lock;            /* protects calls_head/tail */
+  struct vdb_call *calls_head, *calls_tail;
+  struct vdb_timer *timers;        /* sorted by deadline */
+  _Atomic bool stop;
+};
+
+static _Thread_local struct vdb_loop *current_loop;
+
+uint64_t vdb_now_ns(void)
+{
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+struct vdb_loop *vdb_loop_current(void) { return current_loop; }
+
+static void loop_run_calls(struct vdb_loop *loop)
+{
+  struct vdb_call *c;
+
+  pthread_mutex_lock(&loop->lock);
+  c = loop->calls_head;
+  loop->calls_head = loop->calls_tail = NULL;
+  pthread_mutex_unlock(&loop->lock);
+  while (c) {
+    struct vdb_call *next = c->next;
+    c->fn(c->arg);
+    free(c);
+    c = next;
+  }
+}
+
+static void loop_wake_cb(struct vdb_watch *w, uint32_t revents)
+{
+  uint64_t v;
+  ssize_t r = read(w->fd, &v, sizeof v);
+  (void)r;
+  loop_run_calls(w->arg);
+}
+
+int vdb_loop_create(struct vdb_loop **out)
+{
+  struct vdb_loop *loop = calloc(1, sizeof *loop);
+  int r;
+
+  if (!loop)
+    return -ENOMEM;
+  pthread_mutex_init(&loop->lock, NULL);
+  loop->epfd = epoll_create1(EPOLL_CLOEXEC);
+  if (loop->epfd < 0) {
+    r = -errno;
+    goto err_free;
+  }
+  loop->wake.fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (loop->wake.fd < 0) {
+    r = -errno;
+    goto err_ep;
+  }
+  loop->wake.events = EPOLLIN;
+  loop->wake.cb = loop_wake_cb;
+  loop->wake.arg = loop;
+  r = vdb_loop_watch(loop, &loop->wake);
+  if (r < 0)
+    goto err_ev;
+  *out = loop;
+  return 0;
+
+err_ev:
+  close(loop->wake.fd);
+err_ep:
+  close(loop->epfd);
+err_free:
+  free(loop);
+  return r;
+}
+
+void vdb_loop_destroy(struct vdb_loop *loop)
+{
+  if (!loop)
+    return;
+  loop_run_calls(loop);
+  close(loop->wake.fd);
+  close(loop->epfd);
+  pthread_mutex_destroy(&loop->lock);
+  free(loop);
+}
+
+int vdb_loop_watch(struct vdb_loop *loop, struct vdb_watch *w)
+{
+  struct epoll_event ev = { .events = w->events, .data.ptr = w };
+  return epoll_ctl(loop->epfd, EPOLL_CTL_ADD, w->fd, &ev) < 0 ? -errno : 0;
+}
+
+int vdb_loop_modify(struct vdb_loop *loop, struct vdb_watch *w, uint32_t events)
+{
+  struct epoll_event ev = { .events = events, .data.ptr = w };
+
+  if (w->events == events)
+    return 0;
+  w->events = events;
+  return epoll_ctl(loop->epfd, EPOLL_CTL_MOD, w->fd, &ev) < 0 ? -errno : 0;
+}
+
+void vdb_loop_unwatch(struct vdb_loop *loop, struct vdb_watch *w)
+{
+  epoll_ctl(loop->epfd, EPOLL_CTL_DEL, w->fd, NULL);
+}
+
+void vdb_timer_stop(struct vdb_loop *loop, struct vdb_timer *t)
+{
+  struct vdb_timer **pp;
+
+  if (!t->armed)
+    return;
+  for (pp = &loop->timers; *pp; pp = &(*pp)->next)
+    if (*pp == t) {
+      *pp = t->next;
+      break;
+    }
+  t->armed = false;
+}
+
+void vdb_timer_start(struct vdb_loop *loop, struct vdb_timer *t, uint64_t ms)
+{
+  struct vdb_timer **pp;
+
+  vdb_timer_stop(loop, t);
+  t->deadline_ns = vdb_now_ns() + ms * 1000000ull;
+  for (pp = &loop->timers; *pp && (*pp)->deadline_ns <= t->deadline_ns; pp = &(*pp)->next)
+    ;
+  t->next = *pp;
+  *pp = t;
+  t->armed = true;
+}
+
+int vdb_loop_post(struct vdb_loop *loop, void (*fn)(void *arg), void *arg)
+{
+  struct vdb_call *c = malloc(sizeof *c);
+  uint64_t one = 1;
+  ssize_t r;
+
+  if (!c)
+    return -ENOMEM;
+  c->fn = fn;
+  c->arg = arg;
+  c->next = NULL;
+  pthread_mutex_lock(&loop->lock);
+  if (loop->calls_tail)
+    loop->calls_tail->next = c;
+  else
+    loop->calls_head = c;
+  loop->calls_tail = c;
+  pthread_mutex_unlock(&loop->lock);
+  r = write(loop->wake.fd, &one, sizeof one);
+  (void)r;
+  return 0;
+}
+
+void vdb_loop_stop(struct vdb_loop *loop)
+{
+  uint64_t one = 1;
+  ssize_t r;
+
+  loop->stop = true;
+  r = write(loop->wake.fd, &one, sizeof one);
+  (void)r;
+}
+
+static int loop_timeout_ms(struct vdb_loop *loop)
+{
+  uint64_t now;
+
+  if (!loop->timers)
+    return -1;
+  now = vdb_now_ns();
+  if (loop->timers->deadline_ns <= now)
+    return 0;
+  return (int)((loop->timers->deadline_ns - now + 999999) / 1000000);
+}
+
+static void loop_fire_timers(struct vdb_loop *loop)
+{
+  uint64_t now = vdb_now_ns();
+
+  while (loop->timers && loop->timers->deadline_ns <= now) {
+    struct vdb_timer *t = loop->timers;
+    loop->timers = t->next;
+    t->armed = false;
+    t->cb(t);
+  }
+}
+
+int vdb_loop_run(struct vdb_loop *loop)
+{
+  struct epoll_event evs[64];
+
+  current_loop = loop;
+  while (!loop->stop) {
+    int n = epoll_wait(loop->epfd, evs, 64, loop_timeout_ms(loop));
+    if (n < 0) {
+      if (errno == EINTR)
+        continue;
+      current_loop = NULL;
+      return -errno;
+    }
+    for (int i = 0; i < n; i++) {
+      struct vdb_watch *w = evs[i].data.ptr;
+      w->cb(w, evs[i].events);
+    }
+    loop_fire_timers(loop);
+  }
+  loop_run_calls(loop);
+  loop->stop = false;
+  current_loop = NULL;
+  return 0;
+}
+
+/* ---- Worker loops ---- */
+
+struct worker {
+  pthread_t thread;
+  struct vdb_loop *loop;
+};
+
+static struct worker *workers;
+static int nworkers;
+static _Atomic unsigned next_worker;
+
+static void *worker_main(void *arg)
+{
+  struct worker *w = arg;
+  int r = vdb_loop_run(w->loop);
+
+  if (r < 0)
+    vdb_err("worker loop failed: %s", strerror(-r));
+  return NULL;
+}
+
+int vdb_workers_start(int n)
+{
+  int r;
+
+  assert(n > 0 && !workers);
+  workers = calloc((size_t)n, sizeof *workers);
+  if (!workers)
+    return -ENOMEM;
+  for (nworkers = 0; nworkers < n; nworkers++) {
+    struct worker *w = &workers[nworkers];
+    r = vdb_loop_create(&w->loop);
+    if (r < 0)
+      goto err;
+    r = -pthread_create(&w->thread, NULL, worker_main, w);
+    if (r < 0) {
+      vdb_loop_destroy(w->loop);
+      goto err;
+    }
+  }
+  return 0;
+err:
+  vdb_workers_stop();
+  return r;
+}
+
+void vdb_workers_stop(void)
+{
+  for (int i = 0; i < nworkers; i++) {
+    vdb_loop_stop(workers[i].loop);
+    pthread_join(workers[i].thread, NULL);
+    vdb_loop_destroy(workers[i].loop);
+  }
+  free(workers);
+  workers = NULL;
+  nworkers = 0;
+}
+
+int vdb_workers_count(void) { return nworkers; }
+
+struct vdb_loop *vdb_worker_pick(void)
+{
+  return workers[next_worker++ % (unsigned)nworkers].loop;
+}
+
+struct vdb_loop *vdb_worker_get(int i) { return workers[i].loop; }

@@ -1,0 +1,64 @@
+/* vdbus — the event loop: epoll for file descriptors, a timer list, and a
+ * cross-thread call queue (eventfd).  One loop per thread; the daemon runs a
+ * control loop on the main thread and one worker loop per core.
+ *
+ * Every function here except vdb_loop_post() and vdb_loop_stop() must be
+ * called on the loop's own thread (or before it runs). */
+#ifndef VDB_LOOP_H
+#define VDB_LOOP_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/epoll.h>
+
+struct vdb_loop;
+
+/* A file descriptor watched by a loop.  Owned by the caller; it must stay
+ * valid until vdb_loop_unwatch(). */
+struct vdb_watch {
+  int fd;
+  uint32_t events; /* EPOLLIN | EPOLLOUT … (level-triggered) */
+  void (*cb)(struct vdb_watch *w, uint32_t revents);
+  void *arg;
+};
+
+/* A one-shot timer.  Owned by the caller. */
+struct vdb_timer {
+  uint64_t deadline_ns; /* CLOCK_MONOTONIC */
+  void (*cb)(struct vdb_timer *t);
+  void *arg;
+  struct vdb_timer *next;
+  bool armed;
+};
+
+int vdb_loop_create(struct vdb_loop **out);
+void vdb_loop_destroy(struct vdb_loop *loop);
+
+int vdb_loop_watch(struct vdb_loop *loop, struct vdb_watch *w);
+int vdb_loop_modify(struct vdb_loop *loop, struct vdb_watch *w, uint32_t events);
+void vdb_loop_unwatch(struct vdb_loop *loop, struct vdb_watch *w);
+
+/* Arm t to fire after ms milliseconds (re-arms if already armed). */
+void vdb_timer_start(struct vdb_loop *loop, struct vdb_timer *t, uint64_t ms);
+void vdb_timer_stop(struct vdb_loop *loop, struct vdb_timer *t);
+
+/* Run fn(arg) on loop's thread, soon.  Any thread.  Returns 0 or -ENOMEM.
+ * Calls posted before vdb_loop_stop() are all run before vdb_loop_run returns. */
+int vdb_loop_post(struct vdb_loop *loop, void (*fn)(void *arg), void *arg);
+
+/* Run until vdb_loop_stop().  Returns 0 or -errno. */
+int vdb_loop_run(struct vdb_loop *loop);
+void vdb_loop_stop(struct vdb_loop *loop); /* any thread */
+
+/* The loop running on this thread, or NULL. */
+struct vdb_loop *vdb_loop_current(void);
+uint64_t vdb_now_ns(void);
+
+/* Worker loops: n threads each running a loop. */
+int vdb_workers_start(int n);
+void vdb_workers_stop(void);              /* stop and join */
+int vdb_workers_count(void);
+struct vdb_loop *vdb_worker_pick(void);   /* round-robin */
+struct vdb_loop *vdb_worker_get(int i);
+
+#endif
