@@ -93,10 +93,10 @@ static char *cli_recv_line(int fd)
 
 json_t *cli_call(const char *what, const char *op, json_t *args)
 {
+  int fd = cli_connect();
   json_t *req = json_pack("{s:i, s:s, s:o}", "vdbus", 1, "op", op, "args",
                           args ? args : json_object());
   char *text = json_dumps(req, JSON_COMPACT);
-  int fd = cli_connect();
   json_error_t jerr;
   json_t *reply, *result, *err;
   char *line;
@@ -112,11 +112,17 @@ json_t *cli_call(const char *what, const char *op, json_t *args)
   if (!reply)
     cli_die(what, "bad reply from vdbusd: %s", jerr.text);
   err = json_object_get(reply, "error");
-  if (err)
-    cli_die(what, "%s", json_string_value(err) ? json_string_value(err) : "unknown error");
+  if (err) {
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", json_string_value(err) ? json_string_value(err) : "unknown error");
+    json_decref(reply);
+    cli_die(what, "%s", msg);
+  }
   result = json_object_get(reply, "result");
-  if (!result)
+  if (!result) {
+    json_decref(reply);
     cli_die(what, "bad reply from vdbusd: no result");
+  }
   json_incref(result);
   json_decref(reply);
   return result;

@@ -55,7 +55,8 @@ static int cli_version(int argc, char **argv)
 
 static int cli_help(int argc, char **argv)
 {
-  json_t *res, *b;
+  static json_t *res; /* static: still reachable when cli_die() exits */
+  json_t *b;
   size_t i;
 
   if (argc == 1) {

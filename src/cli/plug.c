@@ -122,15 +122,19 @@ static void plug_print(json_t *d)
   printf("%s\n", json_string_value(json_object_get(d, "name")));
 }
 
+/* File scope, so that what a usage error exits with is still reachable. */
+static struct plug_req p;
+
 int cli_plug(int argc, char **argv)
 {
-  struct plug_req p = { json_object(), json_object(), NULL };
   const char *backend;
   json_t *res;
 
   if (argc < 2)
     cli_usage_error("plug needs a backend: ram, file, error, delay");
   backend = argv[1];
+  p.args = json_object();
+  p.params = json_object();
   json_object_set_new(p.args, "backend", json_string(backend));
   for (int i = 2; i < argc; i++) {
     if (argv[i][0] == '-' && argv[i][1])
@@ -142,6 +146,7 @@ int cli_plug(int argc, char **argv)
     cli_usage_error("plug file needs a PATH");
   json_object_set_new(p.args, "params", p.params);
   res = cli_call("plug", "plug", p.args);
+  p.args = p.params = NULL;
   plug_print(res);
   json_decref(res);
   return 0;
@@ -149,10 +154,11 @@ int cli_plug(int argc, char **argv)
 
 int cli_unplug(int argc, char **argv)
 {
-  json_t *args = json_object();
+  static json_t *args; /* static: reachable at a usage error's exit */
   const char *name = NULL;
   bool all = false;
 
+  args = json_object();
   for (int i = 1; i < argc; i++) {
     if (strcmp(argv[i], "--force") == 0 || strcmp(argv[i], "-f") == 0)
       json_object_set_new(args, "force", json_true());

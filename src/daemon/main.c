@@ -181,9 +181,15 @@ static int make_dir(const char *path, mode_t mode)
 static int check_not_running(const char *sock)
 {
   struct sockaddr_un sa = { .sun_family = AF_UNIX };
-  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), r;
+  size_t len = strlen(sock);
+  int fd, r;
 
-  snprintf(sa.sun_path, sizeof sa.sun_path, "%s", sock);
+  if (len >= sizeof sa.sun_path) {
+    fprintf(stderr, "vdbusd: control socket path too long: %s\n", sock);
+    return -ENAMETOOLONG;
+  }
+  memcpy(sa.sun_path, sock, len + 1);
+  fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   r = connect(fd, (struct sockaddr *)&sa, sizeof sa);
   close(fd);
   if (r == 0) {

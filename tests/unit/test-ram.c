@@ -1,0 +1,144 @@
+/* Unit test: the RAM backend, through the bus's validation, from several
+ * threads at once. */
+#include <errno.h>
+#include <pthread.h>
+#include <string.h>
+
+#include "backends/registry.h"
+#include "bus/bus.h"
+#include "tap.h"
+
+static struct vdb_disk *disk;
+
+static void done_cb(struct vdb_req *req, int err) { *(int *)req->opaque = err; }
+
+static int io(enum vdb_req_type type, uint32_t flags, uint64_t off, uint64_t len, void *buf)
+{
+  int err = 1;
+  struct vdb_req req = { .type = type, .flags = flags, .offset = off, .len = len, .buf = buf,
+                         .done = done_cb, .opaque = &err };
+  vdb_disk_submit(disk, &req);
+  return err; /* the RAM backend completes inline */
+}
+
+static int status(uint64_t off, uint64_t len, struct vdb_extent *e, uint32_t max, uint32_t *n)
+{
+  int err = 1;
+  struct vdb_req req = { .type = VDB_REQ_BLOCK_STATUS, .offset = off, .len = len,
+                         .extents = e, .max_extents = max, .done = done_cb, .opaque = &err };
+  vdb_disk_submit(disk, &req);
+  *n = req.nr_extents;
+  return err;
+}
+
+static bool all_zero(const uint8_t *b, size_t n)
+{
+  for (size_t i = 0; i < n; i++)
+    if (b[i])
+      return false;
+  return true;
+}
+
+static void *writer(void *arg)
+{
+  uint8_t buf[4096];
+  uintptr_t id = (uintptr_t)arg;
+
+  for (int i = 0; i < 2000; i++) {
+    uint64_t off = (id * 2000 + (uint64_t)i) * 4096 % (64u << 20);
+    memset(buf, (int)(id + 1), sizeof buf);
+    if (io(VDB_REQ_WRITE, 0, off, sizeof buf, buf) != 0)
+      return (void *)1;
+    if (io(VDB_REQ_READ, 0, off, sizeof buf, buf) != 0 || buf[0] != id + 1 || buf[4095] != id + 1)
+      return (void *)1;
+  }
+  return NULL;
+}
+
+static void test_threads(void)
+{
+  pthread_t t[4];
+  void *res;
+
+  for (uintptr_t i = 0; i < 4; i++)
+    pthread_create(&t[i], NULL, writer, (void *)i);
+  for (int i = 0; i < 4; i++) {
+    pthread_join(t[i], &res);
+    CHECK(res == NULL);
+  }
+}
+
+int main(void)
+{
+  struct vdb_disk_config cfg = { .name = "t", .backend = "ram", .block_size = 512, .attach = "none" };
+  static uint8_t buf[65536], rbuf[65536];
+  struct vdb_extent e[16];
+  uint32_t n;
+
+  vdb_params_init(&cfg.params);
+  vdb_params_set(&cfg.params, "size", "0");
+  CHECK(vdb_bus_plug(&cfg, &disk) == -EINVAL);
+  vdb_params_set(&cfg.params, "size", "64M");
+  vdb_params_set(&cfg.params, "size", "67108865"); /* 64M + 1: not a multiple of 512 */
+  CHECK(vdb_bus_plug(&cfg, &disk) == 0);
+  CHECK(disk->size == (64u << 20) + 1);
+  CHECK(disk->can_trim && disk->can_zero && disk->can_extents && !disk->can_flush);
+
+  /* Fresh disk reads as zeroes and is one hole. */
+  memset(rbuf, 0xff, sizeof rbuf);
+  CHECK(io(VDB_REQ_READ, 0, 0, sizeof rbuf, rbuf) == 0 && all_zero(rbuf, sizeof rbuf));
+  CHECK(status(0, disk->size, e, 16, &n) == 0 && n == 1 &&
+        e[0].length == disk->size && e[0].flags == (VDB_EXTENT_HOLE | VDB_EXTENT_ZERO));
+
+  /* Write, read back, block status shows data. */
+  memset(buf, 0xab, sizeof buf);
+  CHECK(io(VDB_REQ_WRITE, 0, 8192, 8192, buf) == 0);
+  CHECK(io(VDB_REQ_READ, 0, 8192, 8192, rbuf) == 0 && memcmp(buf, rbuf, 8192) == 0);
+  CHECK(status(0, 65536, e, 16, &n) == 0 && n == 3 && e[0].length == 8192 &&
+        e[1].length == 8192 && e[1].flags == 0 && e[2].flags == (VDB_EXTENT_HOLE | VDB_EXTENT_ZERO));
+  CHECK(status(0, 65536, e, 1, &n) == 0 && n == 1);
+
+  /* Trim frees and zeroes whole pages; partial pages are zeroed in place. */
+  CHECK(io(VDB_REQ_TRIM, 0, 8192 + 100, 4096, NULL) == 0);
+  CHECK(io(VDB_REQ_READ, 0, 8192, 8192, rbuf) == 0);
+  CHECK(rbuf[99] == 0xab && all_zero(rbuf + 100, 4096) && rbuf[4196] == 0xab);
+  CHECK(io(VDB_REQ_TRIM, 0, 8192, 8192, NULL) == 0);
+  CHECK(status(0, 65536, e, 16, &n) == 0 && n == 1);
+
+  /* write_zeroes with NO_HOLE allocates. */
+  CHECK(io(VDB_REQ_WRITE_ZEROES, VDB_REQ_NO_HOLE, 0, 4096, NULL) == 0);
+  CHECK(status(0, 8192, e, 16, &n) == 0 && n == 2 && e[0].flags == 0);
+  CHECK(io(VDB_REQ_WRITE_ZEROES, 0, 0, 4096, NULL) == 0);
+  CHECK(status(0, 8192, e, 16, &n) == 0 && n == 1);
+
+  /* The last, partial byte of the disk. */
+  CHECK(io(VDB_REQ_WRITE, 0, disk->size - 1, 1, buf) == 0);
+  CHECK(io(VDB_REQ_READ, 0, disk->size - 1, 1, rbuf) == 0 && rbuf[0] == 0xab);
+
+  /* Validation in the bus. */
+  CHECK(io(VDB_REQ_READ, 0, disk->size, 1, rbuf) == -EINVAL);
+  CHECK(io(VDB_REQ_WRITE, 0, disk->size - 1, 2, buf) == -ENOSPC);
+  CHECK(io(VDB_REQ_READ, 0, UINT64_MAX, 2, rbuf) == -EINVAL);
+  CHECK(io(VDB_REQ_READ, 0, 0, 0, rbuf) == 0);
+  CHECK(io(VDB_REQ_FLUSH, 0, 0, 0, NULL) == 0);
+  CHECK(io(VDB_REQ_NR_TYPES, 0, 0, 1, NULL) == -EINVAL);
+  CHECK(disk->stats.errors == 4);
+
+  test_threads();
+  CHECK(disk->stats.inflight == 0);
+  vdb_disk_put(disk);
+  CHECK(vdb_bus_unplug("t", false) == 0);
+  CHECK(vdb_bus_unplug("t", false) == -ENOENT);
+
+  /* Read-only disk refuses writes with EPERM. */
+  vdb_params_set(&cfg.params, "size", "1M");
+  cfg.readonly = true;
+  CHECK(vdb_bus_plug(&cfg, &disk) == 0 && disk->readonly);
+  CHECK(io(VDB_REQ_WRITE, 0, 0, 512, buf) == -EPERM);
+  CHECK(io(VDB_REQ_TRIM, 0, 0, 512, NULL) == -EPERM);
+  CHECK(io(VDB_REQ_READ, 0, 0, 512, rbuf) == 0);
+  vdb_disk_put(disk);
+  CHECK(vdb_bus_unplug("t", false) == 0);
+  vdb_params_clear(&cfg.params);
+  return tap_done("ram");
+}
