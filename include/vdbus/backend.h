@@ -74,6 +74,10 @@ struct vdb_req {
 
   /* Private to the bus. */
   struct vdb_disk *disk;
+
+  /* Scratch space for the backend while it owns the request (so that an
+   * asynchronous backend needs no allocation per request). */
+  uint64_t backend_priv[8];
 };
 
 /* Complete a request: updates the disk's counters and calls req->done.

@@ -5,7 +5,9 @@
  * block status comes from SEEK_DATA/SEEK_HOLE.  The file is locked with
  * flock() (exclusive read-write, shared read-only) so two disks or two
  * daemons cannot open one file read-write.  A file we may only read plugs
- * read-only.  I/O is synchronous on the calling thread. */
+ * read-only.  Reads, writes and flushes are asynchronous (io_uring of the
+ * calling event loop) when called on a loop thread, and synchronous on other
+ * threads (FUSE); the rarer operations are synchronous. */
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
@@ -19,7 +21,10 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <liburing.h>
+
 #include <vdbus/backend.h>
+#include "common/loop.h"
 
 #define FILE_ZERO_CHUNK (1u << 20)
 
@@ -191,12 +196,100 @@ static void file_close(void *handle)
   free(f);
 }
 
+/* ---- asynchronous reads, writes and flushes (io_uring) ---- */
+
+/* Lives in req->backend_priv while the request is in the ring. */
+struct file_aio {
+  struct vdb_uring_op op;
+  struct file *f;
+  struct vdb_req *req;
+  uint64_t done;         /* bytes transferred so far */
+};
+_Static_assert(sizeof(struct file_aio) <= sizeof(((struct vdb_req *)0)->backend_priv),
+               "file_aio must fit in backend_priv");
+
+static void file_aio_cb(struct vdb_uring_op *op, int res);
+
+/* Queue the (rest of the) request; false if no SQE could be had. */
+static bool file_aio_queue(struct file_aio *a)
+{
+  struct vdb_req *req = a->req;
+  struct io_uring_sqe *sqe = vdb_loop_get_sqe();
+  uint8_t *buf = (uint8_t *)req->buf + a->done;
+  unsigned len = (unsigned)(req->len - a->done);
+  off_t off = (off_t)(req->offset + a->done);
+
+  if (!sqe)
+    return false;
+  switch (req->type) {
+  case VDB_REQ_READ:
+    io_uring_prep_read(sqe, a->f->fd, buf, len, (uint64_t)off);
+    break;
+  case VDB_REQ_WRITE:
+    io_uring_prep_write(sqe, a->f->fd, buf, len, (uint64_t)off);
+    if (req->flags & VDB_REQ_FUA)
+      sqe->rw_flags = RWF_DSYNC;
+    break;
+  default:
+    io_uring_prep_fsync(sqe, a->f->fd, IORING_FSYNC_DATASYNC);
+    break;
+  }
+  vdb_uring_set_op(sqe, &a->op);
+  return true;
+}
+
+static void file_aio_cb(struct vdb_uring_op *op, int res)
+{
+  struct file_aio *a = (struct file_aio *)op;
+  struct vdb_req *req = a->req;
+
+  if (res == -EINTR || res == -EAGAIN)
+    res = 0; /* retry below */
+  else if (res < 0) {
+    vdb_req_complete(req, res);
+    return;
+  }
+  if (req->type == VDB_REQ_FLUSH) {
+    vdb_req_complete(req, 0);
+    return;
+  }
+  if (res == 0 && req->type == VDB_REQ_READ && a->done < req->len) {
+    /* The file shrank under us: past its end reads as zeroes. */
+    memset((uint8_t *)req->buf + a->done, 0, req->len - a->done);
+    a->done = req->len;
+  }
+  a->done += (uint64_t)res;
+  if (a->done >= req->len)
+    vdb_req_complete(req, 0);
+  else if (!file_aio_queue(a))
+    vdb_req_complete(req, -EAGAIN);
+}
+
+/* Start req on the loop's ring: true if it is on its way, false if it must
+ * be done synchronously (not on a loop thread, or too large for one SQE). */
+static bool file_aio_start(struct file *f, struct vdb_req *req)
+{
+  struct file_aio *a = (struct file_aio *)req->backend_priv;
+
+  if (req->len > (1u << 30) || !vdb_loop_current())
+    return false;
+  a->op.cb = file_aio_cb;
+  a->f = f;
+  a->req = req;
+  a->done = 0;
+  return file_aio_queue(a);
+}
+
+/* ---- the data path ---- */
+
 static void file_read(void *handle, struct vdb_req *req)
 {
   struct file *f = handle;
   uint8_t *buf = req->buf;
   uint64_t done = 0;
 
+  if (file_aio_start(f, req))
+    return;
   while (done < req->len) {
     ssize_t n = pread(f->fd, buf + done, req->len - done, (off_t)(req->offset + done));
     if (n < 0 && errno == EINTR)
@@ -234,6 +327,8 @@ static void file_write(void *handle, struct vdb_req *req)
 {
   int flags = (req->flags & VDB_REQ_FUA) ? RWF_DSYNC : 0;
 
+  if (file_aio_start(handle, req))
+    return;
   vdb_req_complete(req, file_pwrite_all(handle, req->buf, req->len, req->offset, flags));
 }
 
@@ -241,6 +336,8 @@ static void file_flush(void *handle, struct vdb_req *req)
 {
   struct file *f = handle;
 
+  if (file_aio_start(f, req))
+    return;
   vdb_req_complete(req, fdatasync(f->fd) < 0 ? -errno : 0);
 }
 

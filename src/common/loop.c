@@ -2,6 +2,7 @@
  * worker-loop threads. */
 #include <assert.h>
 #include <errno.h>
+#include <liburing.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,9 +26,17 @@ struct vdb_loop {
   struct vdb_call *calls_head, *calls_tail;
   struct vdb_timer *timers;        /* sorted by deadline */
   _Atomic bool stop;
+  struct io_uring *ring;           /* created on first use */
+  struct vdb_watch ring_w;         /* eventfd signalled by ring completions */
+  bool ring_failed;                /* io_uring unavailable: do not retry */
+  unsigned ring_inflight;          /* SQEs handed out and not yet reaped */
 };
 
+#define LOOP_RING_ENTRIES 256
+
 static _Thread_local struct vdb_loop *current_loop;
+
+static void loop_ring_exit(struct vdb_loop *loop);
 
 uint64_t vdb_now_ns(void)
 {
@@ -103,6 +112,7 @@ void vdb_loop_destroy(struct vdb_loop *loop)
   if (!loop)
     return;
   loop_run_calls(loop);
+  loop_ring_exit(loop);
   close(loop->wake.fd);
   close(loop->epfd);
   pthread_mutex_destroy(&loop->lock);
@@ -214,13 +224,128 @@ static void loop_fire_timers(struct vdb_loop *loop)
   }
 }
 
+/* ---- io_uring ---- */
+
+static void loop_ring_reap(struct vdb_loop *loop)
+{
+  struct io_uring_cqe *cqe;
+
+  while (io_uring_peek_cqe(loop->ring, &cqe) == 0) {
+    struct vdb_uring_op *op = io_uring_cqe_get_data(cqe);
+    int res = cqe->res;
+    io_uring_cqe_seen(loop->ring, cqe);
+    loop->ring_inflight--;
+    if (op)
+      op->cb(op, res);
+  }
+}
+
+static void loop_ring_cb(struct vdb_watch *w, uint32_t revents)
+{
+  uint64_t v;
+  ssize_t r = read(w->fd, &v, sizeof v);
+  (void)r;
+  loop_ring_reap(w->arg);
+}
+
+static int loop_ring_setup(struct vdb_loop *loop)
+{
+  struct io_uring *ring = calloc(1, sizeof *ring);
+  int r;
+
+  if (!ring)
+    return -ENOMEM;
+  r = io_uring_queue_init(LOOP_RING_ENTRIES, ring, 0);
+  if (r < 0)
+    goto err_free;
+  loop->ring_w.fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (loop->ring_w.fd < 0) {
+    r = -errno;
+    goto err_ring;
+  }
+  r = io_uring_register_eventfd(ring, loop->ring_w.fd);
+  if (r < 0)
+    goto err_fd;
+  loop->ring_w.events = EPOLLIN;
+  loop->ring_w.cb = loop_ring_cb;
+  loop->ring_w.arg = loop;
+  r = vdb_loop_watch(loop, &loop->ring_w);
+  if (r < 0)
+    goto err_fd;
+  loop->ring = ring;
+  return 0;
+
+err_fd:
+  close(loop->ring_w.fd);
+err_ring:
+  io_uring_queue_exit(ring);
+err_free:
+  free(ring);
+  return r;
+}
+
+struct io_uring *vdb_loop_uring(void)
+{
+  struct vdb_loop *loop = current_loop;
+
+  if (!loop || loop->ring_failed)
+    return NULL;
+  if (!loop->ring && loop_ring_setup(loop) < 0) {
+    vdb_warn("io_uring unavailable; falling back to synchronous I/O");
+    loop->ring_failed = true;
+    return NULL;
+  }
+  return loop->ring;
+}
+
+struct io_uring_sqe *vdb_loop_get_sqe(void)
+{
+  struct io_uring *ring = vdb_loop_uring();
+  struct io_uring_sqe *sqe;
+
+  if (!ring)
+    return NULL;
+  sqe = io_uring_get_sqe(ring);
+  if (!sqe) {
+    io_uring_submit(ring);
+    sqe = io_uring_get_sqe(ring);
+  }
+  if (sqe)
+    current_loop->ring_inflight++;
+  return sqe;
+}
+
+void vdb_uring_set_op(struct io_uring_sqe *sqe, struct vdb_uring_op *op)
+{
+  io_uring_sqe_set_data(sqe, op);
+}
+
+static void loop_ring_exit(struct vdb_loop *loop)
+{
+  if (!loop->ring)
+    return;
+  /* Wait for what is still in flight, so no buffer is written after its
+   * owner is gone. */
+  while (loop->ring_inflight > 0 && io_uring_submit_and_wait(loop->ring, 1) >= 0)
+    loop_ring_reap(loop);
+  vdb_loop_unwatch(loop, &loop->ring_w);
+  io_uring_queue_exit(loop->ring);
+  close(loop->ring_w.fd);
+  free(loop->ring);
+  loop->ring = NULL;
+}
+
 int vdb_loop_run(struct vdb_loop *loop)
 {
   struct epoll_event evs[64];
 
   current_loop = loop;
   while (!loop->stop) {
-    int n = epoll_wait(loop->epfd, evs, 64, loop_timeout_ms(loop));
+    int n;
+
+    if (loop->ring && io_uring_sq_ready(loop->ring) > 0)
+      io_uring_submit(loop->ring);
+    n = epoll_wait(loop->epfd, evs, 64, loop_timeout_ms(loop));
     if (n < 0) {
       if (errno == EINTR)
         continue;

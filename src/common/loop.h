@@ -50,6 +50,24 @@ int vdb_loop_post(struct vdb_loop *loop, void (*fn)(void *arg), void *arg);
 int vdb_loop_run(struct vdb_loop *loop);
 void vdb_loop_stop(struct vdb_loop *loop); /* any thread */
 
+/* An io_uring operation: the loop calls cb with the CQE's result when it
+ * completes.  Set sqe user_data with vdb_uring_set_op().  Owned by the
+ * submitter. */
+struct vdb_uring_op {
+  void (*cb)(struct vdb_uring_op *op, int res);
+};
+struct io_uring;
+struct io_uring_sqe;
+/* The io_uring of the loop running on this thread (created on first use;
+ * its completions are reaped by the loop), or NULL when not on a loop thread
+ * or io_uring is unavailable.  SQEs are submitted in a batch before the loop
+ * next waits. */
+struct io_uring *vdb_loop_uring(void);
+/* A free SQE of the current loop's ring (submitting queued ones if the ring
+ * is full), or NULL. */
+struct io_uring_sqe *vdb_loop_get_sqe(void);
+void vdb_uring_set_op(struct io_uring_sqe *sqe, struct vdb_uring_op *op);
+
 /* The loop running on this thread, or NULL. */
 struct vdb_loop *vdb_loop_current(void);
 uint64_t vdb_now_ns(void);
