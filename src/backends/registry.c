@@ -8,6 +8,7 @@ const struct vdb_backend_ops *const vdb_backends[] = {
   &vdb_backend_file,
   &vdb_backend_error,
   &vdb_backend_delay,
+  &vdb_backend_trace,
   NULL,
 };
 

@@ -15,7 +15,7 @@ static const struct { const char *opt, *key; } param_opts[] = {
   { "--error-rate", "error-rate" }, { "--error-ops", "error-ops" },
   { "--error-errno", "error-errno" },
   { "--delay-read", "delay-read" }, { "--delay-write", "delay-write" },
-  { "--delay-other", "delay-other" },
+  { "--delay-other", "delay-other" }, { "--trace-file", "trace-file" },
 };
 
 struct plug_req {
@@ -41,6 +41,20 @@ static void check_size(const char *v)
             "use a positive number of bytes, optionally with K, M, G or T");
 }
 
+/* The daemon has its own working directory: paths are sent absolute. */
+static json_t *abs_path(const char *arg)
+{
+  char abs[PATH_MAX];
+
+  if (arg[0] == '/')
+    return json_string(arg);
+  if (!getcwd(abs, sizeof abs) || strlen(abs) + strlen(arg) + 2 > sizeof abs)
+    cli_die("plug", "cannot make '%s' absolute", arg);
+  strcat(abs, "/");
+  strcat(abs, arg);
+  return json_string(abs);
+}
+
 static bool plug_param_opt(struct plug_req *p, int argc, char **argv, int *i)
 {
   for (size_t k = 0; k < sizeof param_opts / sizeof param_opts[0]; k++)
@@ -48,7 +62,8 @@ static bool plug_param_opt(struct plug_req *p, int argc, char **argv, int *i)
       const char *v = opt_value(argc, argv, i);
       if (strcmp(param_opts[k].key, "size") == 0)
         check_size(v);
-      json_object_set_new(p->params, param_opts[k].key, json_string(v));
+      json_object_set_new(p->params, param_opts[k].key,
+                          strcmp(param_opts[k].key, "trace-file") == 0 ? abs_path(v) : json_string(v));
       return true;
     }
   return false;
@@ -99,22 +114,12 @@ static void plug_option(struct plug_req *p, int argc, char **argv, int *i)
 /* The positional argument of a backend that takes one (file PATH). */
 static void plug_positional(struct plug_req *p, const char *backend, const char *arg)
 {
-  char abs[PATH_MAX];
-
   if (strcmp(backend, "file") != 0)
     cli_usage_error("plug %s: unexpected argument '%s'", backend, arg);
   if (p->positional)
     cli_usage_error("plug file: only one PATH, not '%s' too", arg);
   p->positional = arg;
-  /* The daemon has its own working directory: send an absolute path. */
-  if (arg[0] != '/') {
-    if (!getcwd(abs, sizeof abs) || strlen(abs) + strlen(arg) + 2 > sizeof abs)
-      cli_die("plug", "cannot make '%s' absolute", arg);
-    strcat(abs, "/");
-    strcat(abs, arg);
-    arg = abs;
-  }
-  json_object_set_new(p->params, "path", json_string(arg));
+  json_object_set_new(p->params, "path", abs_path(arg));
 }
 
 static void plug_print(json_t *d)
