@@ -82,10 +82,10 @@ def free_port():
     return port
 
 
-def run(cmd, timeout=120, check_rc=None, input=None, env=None):
+def run(cmd, timeout=120, check_rc=None, input=None, env=None, cwd=None):
     """Run a command; returns (rc, stdout, stderr) as text."""
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
-                       input=input, env=env, text=True, errors="replace")
+    p = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       timeout=timeout, input=input, env=env, cwd=cwd, text=True, errors="replace")
     if check_rc is not None and p.returncode != check_rc:
         fail("%s: exit %d (want %d)\nstdout: %s\nstderr: %s" %
              (" ".join(map(str, cmd)), p.returncode, check_rc, p.stdout[-2000:], p.stderr[-2000:]))
@@ -262,13 +262,13 @@ class Daemon:
             s.close()
         return json.loads(buf)
 
-    def cli(self, *args, env=None, timeout=120, socket_opt=True):
+    def cli(self, *args, env=None, timeout=120, socket_opt=True, cwd=None):
         """Run `vdbus --socket SOCK ARGS...`; returns (rc, stdout, stderr)."""
         cmd = [VDBUS] + (["--socket", self.sock] if socket_opt else []) + [str(a) for a in args]
         e = dict(os.environ)
         if env:
             e.update(env)
-        rc, out, err = run(cmd, timeout=timeout, env=e)
+        rc, out, err = run(cmd, timeout=timeout, env=e, cwd=cwd)
         errs = sanitizer_errors(err)
         if errs:
             fail("sanitizer errors from %s:\n%s" % (" ".join(cmd), err[-3000:]))
