@@ -82,6 +82,7 @@ struct loop_fe {
   struct vdb_loop *loop;     /* the worker loop serving se */
   struct vdb_watch w;
   bool watched;              /* w is in loop; changed on loop's thread */
+  int watch_err;             /* result of vdb_loop_watch */
 
   int loop_nr;               /* -1 until configured */
   int loop_fd;
@@ -257,6 +258,7 @@ static void lf_fill_stat(const struct loop_fe *lf, struct stat *st)
 static void lf_op_init(void *userdata, struct fuse_conn_info *conn)
 {
   conn->max_write = LF_MAX_IO;
+  conn->max_read = LF_MAX_IO; /* must equal the max_read mount option */
   if (conn->capable & FUSE_CAP_ASYNC_READ)
     conn->want |= FUSE_CAP_ASYNC_READ;
   if (conn->capable & FUSE_CAP_ASYNC_DIO)
@@ -468,8 +470,8 @@ static void lf_watch_on_loop(struct loop_fe *lf)
   lf->w.events = EPOLLIN;
   lf->w.cb = lf_on_readable;
   lf->w.arg = lf;
-  if (vdb_loop_watch(lf->loop, &lf->w) == 0)
-    lf->watched = true;
+  lf->watch_err = vdb_loop_watch(lf->loop, &lf->w);
+  lf->watched = lf->watch_err == 0;
 }
 
 static void lf_unwatch_on_loop(struct loop_fe *lf)
@@ -580,10 +582,11 @@ static int lf_session_start(struct loop_fe *lf)
     return -ENODEV;
   }
   r = lf_call_on_loop(lf, lf_watch_on_loop);
-  if (r == 0 && !lf->watched)
-    r = -EIO;
+  if (r == 0)
+    r = lf->watch_err;
   if (r < 0) {
-    vdb_set_error("cannot watch the FUSE descriptor of disk '%s'", lf->d->name);
+    vdb_set_error("cannot watch the FUSE descriptor of disk '%s': %s", lf->d->name,
+                  strerror(-r));
     return r;
   }
   return 0;
@@ -637,8 +640,10 @@ static int lf_loop_configure(struct loop_fe *lf, int file_fd)
   cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO;
   if (lf->d->readonly)
     cfg.info.lo_flags |= LO_FLAGS_READ_ONLY;
-  snprintf((char *)cfg.info.lo_file_name, sizeof cfg.info.lo_file_name,
-           LF_NAME_PREFIX "%s", lf->d->name);
+  /* "vdbus:<name>", truncated to the field's size. */
+  memcpy(cfg.info.lo_file_name, LF_NAME_PREFIX, strlen(LF_NAME_PREFIX));
+  strncpy((char *)cfg.info.lo_file_name + strlen(LF_NAME_PREFIX), lf->d->name,
+          sizeof cfg.info.lo_file_name - strlen(LF_NAME_PREFIX) - 1);
   r = ioctl(lf->loop_fd, LOOP_CONFIGURE, &cfg);
   if (r < 0 && errno == EINVAL) {
     vdb_dbg(VDB_DBG_FUSE, "%s: LOOP_CONFIGURE with direct I/O failed, retrying without",
@@ -934,7 +939,7 @@ static void lf_cleanup_loops(const char *disks_dir)
   if (!dir)
     return;
   while ((e = readdir(dir))) {
-    char path[PATH_MAX], backing[PATH_MAX], dev[64];
+    char path[PATH_MAX], backing[PATH_MAX], dev[sizeof e->d_name + 8];
     struct loop_info64 info;
     int fd;
 
