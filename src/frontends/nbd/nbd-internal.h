@@ -1,0 +1,165 @@
+/* vdbus — NBD server internals shared by server.c (listeners, connections,
+ * socket I/O), handshake.c (option negotiation) and transmission.c
+ * (requests and replies).
+ *
+ * Threads: listeners accept on the control loop; each connection lives on
+ * one worker loop and every field of struct nbd_conn is touched only there,
+ * except refs (atomic) and the global list links (under nbd_lock). */
+#ifndef VDB_NBD_INTERNAL_H
+#define VDB_NBD_INTERNAL_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "bus/bus.h"
+#include "common/loop.h"
+
+#define NBD_NAME_MAX      4096            /* spec: strings are at most 4096 bytes */
+#define NBD_OPT_MAX       (16u * 1024)    /* option payload we buffer; more is skipped */
+#define NBD_RBUF_SIZE     (64u * 1024)    /* input buffer (>= 16 + NBD_OPT_MAX) */
+#define NBD_MAX_PAYLOAD   (32u << 20)     /* largest READ/WRITE */
+#define NBD_MAX_INFLIGHT  256             /* requests per connection before we stop reading */
+#define NBD_MAX_EXTENTS   512             /* extents per block-status reply */
+#define NBD_META_ALLOC_ID 1               /* our id for base:allocation */
+
+/* A growable output byte buffer (handshake replies; canned-byte tests). */
+struct nbd_obuf {
+  uint8_t *p;
+  size_t len;   /* bytes in p */
+  size_t off;   /* bytes already sent */
+  size_t cap;
+  bool oom;     /* an append failed: the connection must be dropped */
+};
+void nbd_obuf_put(struct nbd_obuf *b, const void *data, size_t len);
+void nbd_obuf_be16(struct nbd_obuf *b, uint16_t v);
+void nbd_obuf_be32(struct nbd_obuf *b, uint32_t v);
+void nbd_obuf_be64(struct nbd_obuf *b, uint64_t v);
+void nbd_obuf_free(struct nbd_obuf *b);
+
+/* Option negotiation state: pure protocol, no sockets, so it can be driven
+ * from canned bytes (tests/unit/test-nbd-options.c). */
+struct nbd_hs {
+  bool fixed;            /* client set NBD_FLAG_C_FIXED_NEWSTYLE */
+  bool no_zeroes;        /* client set NBD_FLAG_C_NO_ZEROES */
+  bool structured;       /* structured replies negotiated */
+  bool extended;         /* extended headers negotiated (implies structured) */
+  bool meta_alloc;       /* base:allocation selected … */
+  char meta_export[VDB_NAME_MAX]; /* … for this export */
+  bool shutting_down;    /* answer options with NBD_REP_ERR_SHUTDOWN */
+  struct vdb_disk *disk; /* the export chosen by GO/EXPORT_NAME (a reference) */
+  uint16_t tflags;       /* its transmission flags */
+};
+
+enum nbd_hs_result {
+  NBD_HS_CONTINUE = 0,   /* reply queued; wait for the next option */
+  NBD_HS_TRANSMISSION,   /* reply queued; enter transmission with hs->disk */
+  NBD_HS_CLOSE,          /* flush what is queued, then close */
+};
+
+/* The server's greeting (NBDMAGIC, IHAVEOPT, handshake flags). */
+void nbd_hs_greeting(struct nbd_obuf *out);
+/* The client's 32-bit flags: 0, or -EPROTO when the connection must close. */
+int nbd_hs_client_flags(struct nbd_hs *hs, uint32_t flags);
+/* Handle one option whose len bytes of data are in data; append replies to
+ * out.  Returns an enum nbd_hs_result. */
+int nbd_hs_option(struct nbd_hs *hs, uint32_t opt, const uint8_t *data, uint32_t len,
+                  struct nbd_obuf *out);
+/* An option whose data was too long to buffer (already skipped). */
+int nbd_hs_option_too_big(struct nbd_hs *hs, uint32_t opt, struct nbd_obuf *out);
+/* Drop hs->disk. */
+void nbd_hs_release(struct nbd_hs *hs);
+/* Transmission flags for d. */
+uint16_t nbd_tflags(const struct vdb_disk *d, bool structured);
+/* The one mapping from -errno to NBD wire errors. */
+uint32_t nbd_errno_to_wire(int err);
+/* Look up an exported disk by NBD export name ("" = the first export). */
+int nbd_export_find(const char *name, struct vdb_disk **out);
+
+/* One request of a connection, reused through the connection's free list. */
+struct nbd_req {
+  struct vdb_req vreq;          /* what the bus sees */
+  struct nbd_conn *conn;
+  uint64_t cookie, offset, len;
+  uint16_t cmd, cflags;
+  int err;                      /* completion result, for posted completions */
+  uint8_t *buf;                 /* READ/WRITE data (kept between uses) */
+  size_t cap;
+  struct vdb_extent *ext;       /* BLOCK_STATUS extents (kept) */
+  uint8_t *bs;                  /* BLOCK_STATUS reply payload (kept) */
+  uint8_t hdr[128];             /* reply header (+ small payload) */
+  struct iovec iov[2];
+  int niov;
+  size_t outlen;                /* bytes in iov */
+  struct nbd_req *next;         /* free list or output queue */
+};
+
+enum nbd_conn_state { NBD_CONN_HANDSHAKE, NBD_CONN_TRANSMISSION, NBD_CONN_CLOSING, NBD_CONN_DEAD };
+
+struct nbd_conn {
+  int fd;
+  struct vdb_loop *loop;
+  struct vdb_watch watch;
+  uint32_t events;              /* currently watched */
+  struct vdb_timer hs_timer;    /* handshake deadline */
+  _Atomic int refs;             /* the loop's, plus one per posted call */
+  enum nbd_conn_state state;
+  char peer[80];
+
+  struct nbd_hs hs;
+  struct vdb_disk *disk;        /* in transmission */
+  struct vdb_disk_user user;
+  bool user_added;
+
+  /* Input. */
+  uint8_t *rbuf;
+  size_t rstart, rend;
+  bool got_cflags;
+  uint64_t discard;             /* input bytes still to skip */
+  uint32_t discard_opt;         /* handshake: option being skipped */
+  bool discard_is_opt;
+  struct nbd_req *payload_req;  /* WRITE whose payload is being received */
+  uint64_t payload_got;
+
+  /* Output. */
+  struct nbd_obuf hsout;        /* handshake replies */
+  struct nbd_req *outq, **outq_tail;
+  size_t out_off;               /* bytes of outq's head already sent */
+
+  struct nbd_req *free_reqs;
+  unsigned nreqs;               /* allocated and not on the free list */
+  unsigned inflight;            /* submitted to the bus */
+  bool in_handler;              /* inside the read handler: flush at its end */
+  bool kicked;                  /* unplug/shutdown: drain and close */
+  bool write_failed;            /* peer gone: drop replies */
+  bool throttled;               /* stopped reading for backpressure */
+  uint64_t inbytes;             /* READ/WRITE bytes being processed */
+  uint64_t cached;              /* bytes of buffers kept on the free list */
+
+  struct nbd_conn *next, *prev; /* global list, under nbd_lock */
+};
+
+#define NBD_MAX_INBYTES   (64u << 20)     /* data in flight before we stop reading */
+#define NBD_MAX_CACHED    (64u << 20)     /* buffer bytes kept for reuse */
+
+/* server.c */
+void nbd_conn_ref(struct nbd_conn *c);
+void nbd_conn_unref(struct nbd_conn *c);
+void nbd_conn_close(struct nbd_conn *c);   /* stop reading, drain, then destroy */
+void nbd_conn_kill(struct nbd_conn *c);    /* drop replies too */
+void nbd_conn_flush(struct nbd_conn *c);   /* send queued output, update events */
+void nbd_conn_enter_transmission(struct nbd_conn *c);
+
+/* transmission.c */
+/* Parse complete requests in c->rbuf (and continue a pending payload).
+ * Called on c's loop. */
+void nbd_tx_process(struct nbd_conn *c);
+void nbd_tx_req_free(struct nbd_req *r);
+/* After an unplug kick: close once nothing is in flight. */
+void nbd_tx_maybe_finish(struct nbd_conn *c);
+/* Put a request back on the connection's free list. */
+void nbd_tx_release(struct nbd_conn *c, struct nbd_req *r);
+
+#endif

@@ -1,0 +1,785 @@
+/* vdbus — the NBD server: listeners, connection lifetime and socket I/O.
+ * Option negotiation is in handshake.c, requests and replies in
+ * transmission.c.
+ *
+ * Each connection is owned by one worker loop.  Input is read into a 64 KiB
+ * buffer and parsed in batches; replies are queued and sent with one
+ * sendmsg() per batch.  A connection is closed in two steps: close (stop
+ * reading, let in-flight requests finish and their replies go out) and
+ * destroy (on its loop, once nothing is in flight). */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/error.h"
+#include "common/log.h"
+#include "frontends/nbd/nbd-internal.h"
+#include "frontends/nbd/nbd-proto.h"
+#include "frontends/nbd/nbd-server.h"
+
+struct vdb_nbd_settings vdb_nbd_settings = {
+  .handshake_timeout_ms = 10000,
+  .max_connections = 256,
+};
+
+#define NBD_MAX_LISTENERS 16
+
+struct nbd_listener {
+  int fd;
+  struct vdb_watch watch;
+  struct vdb_timer retry;      /* re-enable after EMFILE */
+  bool is_unix;
+  char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+  char host[64];
+  char port[16];
+};
+
+static struct nbd_listener *listeners[NBD_MAX_LISTENERS];
+static int nlisteners;
+static struct vdb_loop *listen_loop;
+
+/* All connections (for shutdown and the connection limit). */
+static pthread_mutex_t nbd_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t nbd_cond = PTHREAD_COND_INITIALIZER;
+static struct nbd_conn *conns;
+static unsigned nconns;
+static uint64_t refused_log_ns;
+
+static void conn_on_event(struct vdb_watch *w, uint32_t revents);
+static void conn_destroy(struct nbd_conn *c);
+
+/* ---- connection reference counting ---- */
+
+void nbd_conn_ref(struct nbd_conn *c)
+{
+  atomic_fetch_add(&c->refs, 1);
+}
+
+void nbd_conn_unref(struct nbd_conn *c)
+{
+  if (atomic_fetch_sub(&c->refs, 1) != 1)
+    return;
+  for (struct nbd_req *r = c->free_reqs, *n; r; r = n) {
+    n = r->next;
+    nbd_tx_req_free(r);
+  }
+  free(c->rbuf);
+  free(c);
+}
+
+/* ---- events and output ---- */
+
+static void conn_update_events(struct nbd_conn *c)
+{
+  uint32_t ev = 0;
+
+  if (c->state == NBD_CONN_DEAD)
+    return;
+  if ((c->state == NBD_CONN_HANDSHAKE || c->state == NBD_CONN_TRANSMISSION) && !c->throttled)
+    ev |= EPOLLIN;
+  if (!c->write_failed && (c->hsout.off < c->hsout.len || c->outq))
+    ev |= EPOLLOUT;
+  if (ev != c->events) {
+    c->events = ev;
+    vdb_loop_modify(c->loop, &c->watch, ev);
+  }
+}
+
+/* Drop every queued reply (the peer is gone). */
+static void conn_drop_output(struct nbd_conn *c)
+{
+  while (c->outq) {
+    struct nbd_req *r = c->outq;
+    c->outq = r->next;
+    nbd_tx_release(c, r);
+  }
+  c->outq_tail = &c->outq;
+  c->out_off = 0;
+  c->hsout.off = c->hsout.len;
+}
+
+static int send_hsout(struct nbd_conn *c)
+{
+  while (c->hsout.off < c->hsout.len) {
+    ssize_t n = send(c->fd, c->hsout.p + c->hsout.off, c->hsout.len - c->hsout.off, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR)
+        continue;
+      return errno == EAGAIN ? 0 : -errno;
+    }
+    c->hsout.off += (size_t)n;
+  }
+  c->hsout.off = c->hsout.len = 0;
+  return 0;
+}
+
+/* Advance the output queue past n sent bytes, releasing finished replies. */
+static void outq_consume(struct nbd_conn *c, size_t n)
+{
+  while (n > 0 && c->outq) {
+    struct nbd_req *r = c->outq;
+    size_t rem = r->outlen - c->out_off;
+    if (n < rem) {
+      c->out_off += n;
+      return;
+    }
+    n -= rem;
+    c->out_off = 0;
+    c->outq = r->next;
+    if (!c->outq)
+      c->outq_tail = &c->outq;
+    nbd_tx_release(c, r);
+  }
+}
+
+static int send_outq(struct nbd_conn *c)
+{
+  enum { MAXIOV = 128 };
+  struct iovec iov[MAXIOV];
+
+  while (c->outq) {
+    int n = 0;
+    size_t skip = c->out_off;
+    for (struct nbd_req *r = c->outq; r && n + 2 <= MAXIOV; r = r->next) {
+      for (int i = 0; i < r->niov; i++) {
+        if (skip >= r->iov[i].iov_len) {
+          skip -= r->iov[i].iov_len;
+          continue;
+        }
+        iov[n].iov_base = (uint8_t *)r->iov[i].iov_base + skip;
+        iov[n].iov_len = r->iov[i].iov_len - skip;
+        skip = 0;
+        n++;
+      }
+    }
+    struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)n };
+    ssize_t sent = sendmsg(c->fd, &msg, MSG_NOSIGNAL);
+    if (sent < 0) {
+      if (errno == EINTR)
+        continue;
+      return errno == EAGAIN ? 0 : -errno;
+    }
+    outq_consume(c, (size_t)sent);
+  }
+  return 0;
+}
+
+static void conn_process(struct nbd_conn *c);
+
+/* Send what is queued; resume reading when backpressure eased; destroy a
+ * closing connection once it is drained.  Not inside the read handler. */
+void nbd_conn_flush(struct nbd_conn *c)
+{
+  int r;
+
+  for (int round = 0;; round++) {
+    if (c->state == NBD_CONN_DEAD)
+      return;
+    if (c->write_failed) {
+      conn_drop_output(c);
+    } else if ((r = send_hsout(c)) < 0 || (c->hsout.len == 0 && (r = send_outq(c)) < 0)) {
+      vdb_dbg(VDB_DBG_NBD, "%s: send: %s", c->peer, strerror(-r));
+      c->write_failed = true;
+      conn_drop_output(c);
+      nbd_conn_close(c);
+      continue;
+    }
+    if (c->throttled && c->nreqs < NBD_MAX_INFLIGHT / 2 && c->inbytes < NBD_MAX_INBYTES / 2 &&
+        round < 4) {
+      c->throttled = false;
+      c->in_handler = true;
+      conn_process(c);      /* requests already buffered */
+      c->in_handler = false;
+      continue;
+    }
+    break;
+  }
+  if (c->state == NBD_CONN_CLOSING && c->inflight == 0 &&
+      (c->write_failed || (!c->outq && c->hsout.len == 0))) {
+    conn_destroy(c);
+    return;
+  }
+  conn_update_events(c);
+}
+
+/* ---- closing ---- */
+
+void nbd_conn_close(struct nbd_conn *c)
+{
+  if (c->state == NBD_CONN_CLOSING || c->state == NBD_CONN_DEAD)
+    return;
+  c->state = NBD_CONN_CLOSING;
+  vdb_timer_stop(c->loop, &c->hs_timer);
+  if (c->payload_req) {
+    nbd_tx_release(c, c->payload_req);
+    c->payload_req = NULL;
+  }
+  shutdown(c->fd, SHUT_RD);
+  if (!c->in_handler)
+    nbd_conn_flush(c);
+}
+
+void nbd_conn_kill(struct nbd_conn *c)
+{
+  c->write_failed = true;
+  nbd_conn_close(c);
+}
+
+/* Remove everything; called on c's loop with nothing in flight. */
+static void conn_destroy(struct nbd_conn *c)
+{
+  if (c->state == NBD_CONN_DEAD)
+    return;
+  c->state = NBD_CONN_DEAD;
+  vdb_timer_stop(c->loop, &c->hs_timer);
+  vdb_loop_unwatch(c->loop, &c->watch);
+  conn_drop_output(c);
+  close(c->fd);
+  c->fd = -1;
+  if (c->user_added)
+    vdb_disk_remove_user(c->disk, &c->user);
+  c->user_added = false;
+  if (c->disk)
+    vdb_disk_put(c->disk);
+  c->disk = NULL;
+  nbd_hs_release(&c->hs);
+  nbd_obuf_free(&c->hsout);
+  vdb_dbg(VDB_DBG_NBD, "%s: closed", c->peer);
+
+  pthread_mutex_lock(&nbd_lock);
+  if (c->prev)
+    c->prev->next = c->next;
+  else
+    conns = c->next;
+  if (c->next)
+    c->next->prev = c->prev;
+  nconns--;
+  pthread_cond_broadcast(&nbd_cond);
+  pthread_mutex_unlock(&nbd_lock);
+  nbd_conn_unref(c);
+}
+
+/* Unplug or shutdown: finish what is in flight, then disconnect.  Requests
+ * that arrive meanwhile are answered with ESHUTDOWN (transmission.c). */
+static void conn_kick_on_loop(void *arg)
+{
+  struct nbd_conn *c = arg;
+
+  if (c->state == NBD_CONN_HANDSHAKE) {
+    c->hs.shutting_down = true;
+    nbd_conn_close(c);
+  } else if (c->state == NBD_CONN_TRANSMISSION) {
+    c->kicked = true;
+    nbd_tx_maybe_finish(c);
+  }
+  nbd_conn_unref(c);
+}
+
+static void conn_post_kick(struct nbd_conn *c)
+{
+  atomic_fetch_add(&c->refs, 1);
+  while (vdb_loop_post(c->loop, conn_kick_on_loop, c) < 0)
+    nanosleep(&(struct timespec){ 0, 1000000 }, NULL);
+}
+
+static void conn_user_kick(struct vdb_disk_user *u)
+{
+  conn_post_kick(u->arg);
+}
+
+/* ---- input ---- */
+
+static void hs_timeout(struct vdb_timer *t)
+{
+  struct nbd_conn *c = t->arg;
+
+  vdb_info("NBD client %s did not finish the handshake in %u ms: dropped", c->peer,
+           vdb_nbd_settings.handshake_timeout_ms);
+  atomic_fetch_add(&c->refs, 1);
+  nbd_conn_kill(c);
+  nbd_conn_unref(c);
+}
+
+void nbd_conn_enter_transmission(struct nbd_conn *c)
+{
+  int r;
+
+  c->disk = c->hs.disk;
+  c->hs.disk = NULL;
+  c->user.kick = conn_user_kick;
+  c->user.arg = c;
+  r = vdb_disk_add_user(c->disk, &c->user);
+  if (r < 0) {
+    vdb_info("%s: export %s is being unplugged", c->peer, c->disk->name);
+    nbd_conn_kill(c);
+    return;
+  }
+  c->user_added = true;
+  vdb_timer_stop(c->loop, &c->hs_timer);
+  c->state = NBD_CONN_TRANSMISSION;
+  vdb_dbg(VDB_DBG_NBD, "%s: export %s, %s replies", c->peer, c->disk->name,
+          c->hs.extended ? "extended" : c->hs.structured ? "structured" : "simple");
+}
+
+/* Parse the handshake bytes in rbuf. */
+static void hs_process(struct nbd_conn *c)
+{
+  while (c->state == NBD_CONN_HANDSHAKE) {
+    size_t avail = c->rend - c->rstart;
+    const uint8_t *p = c->rbuf + c->rstart;
+    uint64_t magic;
+    uint32_t opt, len;
+    int r;
+
+    if (c->discard) {
+      size_t n = avail < c->discard ? avail : (size_t)c->discard;
+      c->rstart += n;
+      c->discard -= n;
+      if (c->discard)
+        return;
+      r = nbd_hs_option_too_big(&c->hs, c->discard_opt, &c->hsout);
+      if (r == NBD_HS_CLOSE)
+        nbd_conn_close(c);
+      continue;
+    }
+    if (!c->got_cflags) {
+      if (avail < 4)
+        return;
+      memcpy(&opt, p, 4);
+      c->rstart += 4;
+      c->got_cflags = true;
+      if (nbd_hs_client_flags(&c->hs, be32toh(opt)) < 0) {
+        vdb_dbg(VDB_DBG_NBD, "%s: unknown client flags %#x", c->peer, be32toh(opt));
+        nbd_conn_kill(c);
+      }
+      continue;
+    }
+    if (avail < 16)
+      return;
+    memcpy(&magic, p, 8);
+    memcpy(&opt, p + 8, 4);
+    memcpy(&len, p + 12, 4);
+    opt = be32toh(opt);
+    len = be32toh(len);
+    if (be64toh(magic) != NBD_IHAVEOPT) {
+      vdb_dbg(VDB_DBG_NBD, "%s: bad option magic", c->peer);
+      nbd_conn_kill(c);
+      return;
+    }
+    if (len > NBD_OPT_MAX) {
+      c->rstart += 16;
+      c->discard = len;
+      c->discard_opt = opt;
+      continue;
+    }
+    if (avail < 16 + (size_t)len)
+      return;
+    r = nbd_hs_option(&c->hs, opt, p + 16, len, &c->hsout);
+    c->rstart += 16 + (size_t)len;
+    if (c->hsout.oom)
+      nbd_conn_kill(c);
+    else if (r == NBD_HS_CLOSE)
+      nbd_conn_close(c);
+    else if (r == NBD_HS_TRANSMISSION)
+      nbd_conn_enter_transmission(c);
+  }
+}
+
+static void conn_process(struct nbd_conn *c)
+{
+  if (c->state == NBD_CONN_HANDSHAKE)
+    hs_process(c);
+  if (c->state == NBD_CONN_TRANSMISSION)
+    nbd_tx_process(c);
+}
+
+/* Read what the socket has (bounded, to stay fair to other connections). */
+static void conn_read(struct nbd_conn *c)
+{
+  for (int i = 0; i < 16; i++) {
+    ssize_t n;
+
+    if ((c->state != NBD_CONN_HANDSHAKE && c->state != NBD_CONN_TRANSMISSION) || c->throttled)
+      break;
+    if (c->payload_req) {
+      struct nbd_req *r = c->payload_req;
+      n = recv(c->fd, r->buf + c->payload_got, r->len - c->payload_got, 0);
+    } else {
+      if (c->rstart == c->rend)
+        c->rstart = c->rend = 0;
+      else if (c->rend == NBD_RBUF_SIZE || c->rstart > NBD_RBUF_SIZE / 2) {
+        memmove(c->rbuf, c->rbuf + c->rstart, c->rend - c->rstart);
+        c->rend -= c->rstart;
+        c->rstart = 0;
+      }
+      n = recv(c->fd, c->rbuf + c->rend, NBD_RBUF_SIZE - c->rend, 0);
+    }
+    if (n < 0) {
+      if (errno == EINTR)
+        continue;
+      if (errno != EAGAIN) {
+        vdb_dbg(VDB_DBG_NBD, "%s: recv: %m", c->peer);
+        nbd_conn_kill(c);
+      }
+      break;
+    }
+    if (n == 0) {
+      vdb_dbg(VDB_DBG_NBD, "%s: end of input", c->peer);
+      if (c->payload_req || c->rend > c->rstart)
+        nbd_conn_kill(c);   /* truncated message */
+      else
+        nbd_conn_close(c);
+      break;
+    }
+    if (c->payload_req)
+      c->payload_got += (size_t)n;
+    else
+      c->rend += (size_t)n;
+    conn_process(c);
+  }
+}
+
+static void conn_on_event(struct vdb_watch *w, uint32_t revents)
+{
+  struct nbd_conn *c = w->arg;
+
+  atomic_fetch_add(&c->refs, 1);
+  c->in_handler = true;
+  if (revents & (EPOLLIN | EPOLLHUP | EPOLLERR))
+    conn_read(c);
+  if (c->state == NBD_CONN_CLOSING && (revents & (EPOLLHUP | EPOLLERR)) && !c->outq)
+    c->write_failed = true;
+  c->in_handler = false;
+  nbd_conn_flush(c);
+  nbd_conn_unref(c);
+}
+
+/* ---- accepting ---- */
+
+static void conn_start(void *arg)
+{
+  struct nbd_conn *c = arg;
+
+  c->watch.fd = c->fd;
+  c->watch.events = EPOLLIN;
+  c->events = EPOLLIN;
+  c->watch.cb = conn_on_event;
+  c->watch.arg = c;
+  c->hs_timer.cb = hs_timeout;
+  c->hs_timer.arg = c;
+  nbd_hs_greeting(&c->hsout);
+  if (vdb_loop_watch(c->loop, &c->watch) < 0) {
+    vdb_warn("%s: cannot watch connection", c->peer);
+    close(c->fd);
+    c->state = NBD_CONN_DEAD;
+    pthread_mutex_lock(&nbd_lock);
+    if (c->prev) c->prev->next = c->next; else conns = c->next;
+    if (c->next) c->next->prev = c->prev;
+    nconns--;
+    pthread_cond_broadcast(&nbd_cond);
+    pthread_mutex_unlock(&nbd_lock);
+    nbd_conn_unref(c);
+    return;
+  }
+  if (vdb_nbd_settings.handshake_timeout_ms)
+    vdb_timer_start(c->loop, &c->hs_timer, vdb_nbd_settings.handshake_timeout_ms);
+  nbd_conn_flush(c);
+}
+
+static void peer_name(int fd, bool is_unix, char *buf, size_t len)
+{
+  struct sockaddr_storage ss;
+  socklen_t sl = sizeof ss;
+  char host[INET6_ADDRSTRLEN] = "?", port[16] = "?";
+
+  if (is_unix) {
+    struct ucred cred;
+    socklen_t cl = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) == 0)
+      snprintf(buf, len, "unix:pid=%d", (int)cred.pid);
+    else
+      snprintf(buf, len, "unix");
+    return;
+  }
+  if (getpeername(fd, (struct sockaddr *)&ss, &sl) == 0)
+    getnameinfo((struct sockaddr *)&ss, sl, host, sizeof host, port, sizeof port,
+                NI_NUMERICHOST | NI_NUMERICSERV);
+  snprintf(buf, len, "%s:%s", host, port);
+}
+
+static void accept_one(struct nbd_listener *l, int fd)
+{
+  struct nbd_conn *c;
+  struct vdb_loop *loop;
+  int one = 1;
+
+  pthread_mutex_lock(&nbd_lock);
+  if (nconns >= vdb_nbd_settings.max_connections) {
+    uint64_t now = vdb_now_ns();
+    pthread_mutex_unlock(&nbd_lock);
+    if (now - refused_log_ns > 1000000000ull) {
+      vdb_warn("NBD: connection limit (%u) reached: refusing new clients",
+               vdb_nbd_settings.max_connections);
+      refused_log_ns = now;
+    }
+    close(fd);
+    return;
+  }
+  c = calloc(1, sizeof *c);
+  if (c)
+    c->rbuf = malloc(NBD_RBUF_SIZE);
+  if (!c || !c->rbuf) {
+    pthread_mutex_unlock(&nbd_lock);
+    if (c)
+      free(c);
+    close(fd);
+    vdb_warn("NBD: out of memory accepting a client");
+    return;
+  }
+  loop = vdb_workers_count() > 0 ? vdb_worker_pick() : listen_loop;
+  c->fd = fd;
+  c->loop = loop;
+  c->refs = 1;
+  c->outq_tail = &c->outq;
+  c->next = conns;
+  if (conns)
+    conns->prev = c;
+  conns = c;
+  nconns++;
+  pthread_mutex_unlock(&nbd_lock);
+
+  if (!l->is_unix)
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  peer_name(fd, l->is_unix, c->peer, sizeof c->peer);
+  vdb_dbg(VDB_DBG_NBD, "%s: connected", c->peer);
+  while (vdb_loop_post(loop, conn_start, c) < 0)
+    nanosleep(&(struct timespec){ 0, 1000000 }, NULL);
+}
+
+static void listener_retry(struct vdb_timer *t)
+{
+  struct nbd_listener *l = t->arg;
+
+  vdb_loop_modify(listen_loop, &l->watch, EPOLLIN);
+}
+
+static void listener_on_event(struct vdb_watch *w, uint32_t revents)
+{
+  struct nbd_listener *l = w->arg;
+
+  for (int i = 0; i < 64; i++) {
+    int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED)
+        continue;
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        vdb_warn("NBD: accept: %m: pausing for 100 ms");
+        vdb_loop_modify(listen_loop, &l->watch, 0);
+        vdb_timer_start(listen_loop, &l->retry, 100);
+      }
+      return;
+    }
+    accept_one(l, fd);
+  }
+}
+
+/* ---- listeners ---- */
+
+static int listen_unix(struct nbd_listener *l, const char *path)
+{
+  struct sockaddr_un sa = { .sun_family = AF_UNIX };
+  int fd;
+
+  if (strlen(path) >= sizeof sa.sun_path) {
+    vdb_set_error("socket path too long: %s", path);
+    return -ENAMETOOLONG;
+  }
+  strcpy(sa.sun_path, path);
+  snprintf(l->path, sizeof l->path, "%s", path);
+  fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0)
+    goto fail;
+  unlink(path); /* a stale socket: vdbusd already made sure no daemon runs */
+  if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || chmod(path, 0600) < 0 ||
+      listen(fd, 128) < 0)
+    goto fail;
+  l->is_unix = true;
+  l->fd = fd;
+  return 0;
+fail: {
+    int e = errno;
+    if (fd >= 0)
+      close(fd);
+    vdb_set_error("cannot listen on %s: %s", path, strerror(e));
+    return -e;
+  }
+}
+
+/* "HOST:PORT", "[V6]:PORT" or ":PORT" (all addresses). */
+static int split_hostport(const char *s, char *host, size_t hl, char *port, size_t pl)
+{
+  const char *colon;
+
+  if (s[0] == '[') {
+    const char *end = strchr(s, ']');
+    if (!end || end[1] != ':')
+      return -EINVAL;
+    snprintf(host, hl, "%.*s", (int)(end - s - 1), s + 1);
+    colon = end + 1;
+  } else {
+    colon = strrchr(s, ':');
+    if (!colon)
+      return -EINVAL;
+    snprintf(host, hl, "%.*s", (int)(colon - s), s);
+  }
+  snprintf(port, pl, "%s", colon + 1);
+  return port[0] ? 0 : -EINVAL;
+}
+
+static int listen_tcp(struct nbd_listener *l, const char *hostport)
+{
+  struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV };
+  struct addrinfo *res;
+  int fd = -1, e, one = 1;
+
+  if (split_hostport(hostport, l->host, sizeof l->host, l->port, sizeof l->port) < 0) {
+    vdb_set_error("bad TCP address '%s' (want HOST:PORT)", hostport);
+    return -EINVAL;
+  }
+  e = getaddrinfo(l->host[0] ? l->host : NULL, l->port, &hints, &res);
+  if (e) {
+    vdb_set_error("cannot resolve '%s': %s", hostport, gai_strerror(e));
+    return -EINVAL;
+  }
+  e = 0;
+  for (struct addrinfo *a = res; a; a = a->ai_next) {
+    fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) {
+      e = errno;
+      continue;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(fd, a->ai_addr, a->ai_addrlen) == 0 && listen(fd, 128) == 0)
+      break;
+    e = errno;
+    close(fd);
+    fd = -1;
+  }
+  freeaddrinfo(res);
+  if (fd < 0) {
+    vdb_set_error("cannot listen on %s: %s", hostport, strerror(e));
+    return -e;
+  }
+  l->fd = fd;
+  return 0;
+}
+
+int vdb_nbd_listen(struct vdb_loop *loop, const char *spec)
+{
+  struct nbd_listener *l;
+  int r;
+
+  if (nlisteners == NBD_MAX_LISTENERS) {
+    vdb_set_error("too many NBD listeners (at most %d)", NBD_MAX_LISTENERS);
+    return -E2BIG;
+  }
+  l = calloc(1, sizeof *l);
+  if (!l)
+    return -ENOMEM;
+  l->fd = -1;
+  if (strncmp(spec, "unix:", 5) == 0 && spec[5])
+    r = listen_unix(l, spec + 5);
+  else if (strncmp(spec, "tcp:", 4) == 0)
+    r = listen_tcp(l, spec + 4);
+  else {
+    vdb_set_error("bad listen address '%s' (want unix:PATH or tcp:HOST:PORT)", spec);
+    r = -EINVAL;
+  }
+  if (r < 0)
+    goto err;
+  listen_loop = loop;
+  l->watch.fd = l->fd;
+  l->watch.events = EPOLLIN;
+  l->watch.cb = listener_on_event;
+  l->watch.arg = l;
+  l->retry.cb = listener_retry;
+  l->retry.arg = l;
+  if ((r = vdb_loop_watch(loop, &l->watch)) < 0) {
+    vdb_set_error("cannot watch NBD listener: %s", strerror(-r));
+    goto err;
+  }
+  listeners[nlisteners++] = l;
+  vdb_info("NBD: listening on %s", spec);
+  return 0;
+
+err:
+  if (l->fd >= 0)
+    close(l->fd);
+  free(l);
+  return r;
+}
+
+void vdb_nbd_stop_listening(void)
+{
+  for (int i = 0; i < nlisteners; i++) {
+    struct nbd_listener *l = listeners[i];
+    vdb_timer_stop(listen_loop, &l->retry);
+    vdb_loop_unwatch(listen_loop, &l->watch);
+    close(l->fd);
+    if (l->is_unix)
+      unlink(l->path);
+    free(l);
+    listeners[i] = NULL;
+  }
+  nlisteners = 0;
+}
+
+void vdb_nbd_shutdown(unsigned timeout_ms)
+{
+  struct timespec deadline;
+
+  pthread_mutex_lock(&nbd_lock);
+  for (struct nbd_conn *c = conns; c; c = c->next) {
+    conn_post_kick(c);
+  }
+  clock_gettime(CLOCK_REALTIME, &deadline);
+  deadline.tv_sec += timeout_ms / 1000;
+  deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
+  if (deadline.tv_nsec >= 1000000000) {
+    deadline.tv_sec++;
+    deadline.tv_nsec -= 1000000000;
+  }
+  while (nconns > 0)
+    if (pthread_cond_timedwait(&nbd_cond, &nbd_lock, &deadline) == ETIMEDOUT) {
+      vdb_warn("NBD: %u connection(s) still open after %u ms", nconns, timeout_ms);
+      break;
+    }
+  pthread_mutex_unlock(&nbd_lock);
+}
+
+int vdb_nbd_uri(const struct vdb_disk *d, char *buf, size_t len)
+{
+  const struct nbd_listener *l = nlisteners > 0 ? listeners[0] : NULL;
+
+  if (!l || !d->export)
+    return -ENOENT;
+  if (l->is_unix)
+    snprintf(buf, len, "nbd+unix:///%s?socket=%s", d->name, l->path);
+  else if (strchr(l->host, ':'))
+    snprintf(buf, len, "nbd://[%s]:%s/%s", l->host, l->port, d->name);
+  else
+    snprintf(buf, len, "nbd://%s:%s/%s", l->host[0] ? l->host : "localhost", l->port, d->name);
+  return 0;
+}
