@@ -262,7 +262,7 @@ class Daemon:
             s.close()
         return json.loads(buf)
 
-    def cli(self, *args, env=None, timeout=120, socket_opt=True, cwd=None):
+    def cli(self, *args, env=None, timeout=45, socket_opt=True, cwd=None):
         """Run `vdbus --socket SOCK ARGS...`; returns (rc, stdout, stderr)."""
         cmd = [VDBUS] + (["--socket", self.sock] if socket_opt else []) + [str(a) for a in args]
         e = dict(os.environ)
