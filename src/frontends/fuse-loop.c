@@ -882,12 +882,13 @@ static void lf_detach(struct vdb_disk *d, void *priv)
   pthread_mutex_unlock(&lf->lock);
   if (lf->se) {
     if (lf->mounted) {
-      /* Lazily: a forced unplug may leave the file referenced by a
-       * loop device that a mounted filesystem still holds. */
+      /* Lazily: a forced unplug may leave the file referenced by a loop
+       * device that a mounted filesystem still holds.  libfuse unmounts
+       * with MNT_DETACH as root; make sure of it (EINVAL: already gone). */
+      fuse_session_unmount(lf->se);
       if (umount2(lf->path, MNT_DETACH | UMOUNT_NOFOLLOW) < 0 && errno != EINVAL &&
           errno != ENOENT)
         vdb_warn("%s: unmount %s: %s", d->name, lf->path, strerror(errno));
-      fuse_session_unmount(lf->se);
       lf->mounted = false;
     }
     fuse_session_destroy(lf->se);
