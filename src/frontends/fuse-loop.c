@@ -965,7 +965,8 @@ static void lf_cleanup_loops(const char *disks_dir)
     if (ioctl(fd, LOOP_CLR_FD, 0) < 0 && errno != ENXIO)
       vdb_warn("stale %s (%s): LOOP_CLR_FD: %s", dev, backing, strerror(errno));
     else
-      vdb_info("removed stale loop device %s (%s)", dev, backing);
+      vdb_info("released stale loop device %s (%s); it goes away at its last close",
+               dev, backing);
     close(fd);
   }
   closedir(dir);
