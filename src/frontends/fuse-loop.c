@@ -560,6 +560,7 @@ static int lf_session_start(struct loop_fe *lf)
   snprintf(opts, sizeof opts, "fsname=" LF_NAME_PREFIX "%s,subtype=vdbus,max_read=%u",
            lf->d->name, LF_MAX_IO);
   lf->se = fuse_session_new(&args, &lf_ops, sizeof lf_ops, lf);
+  fuse_opt_free_args(&args);
   if (!lf->se) {
     vdb_set_error("cannot create a FUSE session for disk '%s'", lf->d->name);
     return -ENOMEM;
