@@ -86,6 +86,7 @@ struct loop_fe {
 
   int loop_nr;               /* -1 until configured */
   int loop_fd;
+  dev_t rdev;                /* of /dev/loopN */
   char dev[32];              /* "/dev/loopN" */
 
   pthread_mutex_t lock;      /* free, inflight, call_done */
@@ -486,20 +487,32 @@ struct lf_call {
   void (*fn)(struct loop_fe *lf);
 };
 
-static void lf_call_trampoline(void *arg)
+static void lf_call_signal(void *arg)
 {
-  struct lf_call *call = arg;
-  struct loop_fe *lf = call->lf;
+  struct loop_fe *lf = arg;
 
-  call->fn(lf);
   pthread_mutex_lock(&lf->lock);
   lf->call_done = true;
   pthread_cond_broadcast(&lf->cond);
   pthread_mutex_unlock(&lf->lock);
 }
 
-/* Run fn(lf) on lf->loop's thread and wait for it.  Control thread.
- * 0 or -ENOMEM. */
+/* Runs fn, then signals the caller from a second posted call: the loop may
+ * still hold an epoll event for the watch fn removed in its current batch,
+ * and the caller must not free the watch before that batch is over.  A
+ * call posted now runs at the next wake-up, after the batch. */
+static void lf_call_trampoline(void *arg)
+{
+  struct lf_call *call = arg;
+  struct loop_fe *lf = call->lf;
+
+  call->fn(lf);
+  if (vdb_loop_post(lf->loop, lf_call_signal, lf) < 0)
+    lf_call_signal(lf);
+}
+
+/* Run fn(lf) on lf->loop's thread and wait for it (and for the loop's
+ * current batch of events to be over).  Control thread.  0 or -ENOMEM. */
 static int lf_call_on_loop(struct loop_fe *lf, void (*fn)(struct loop_fe *lf))
 {
   struct lf_call call = { lf, fn };
@@ -694,7 +707,9 @@ static int lf_loop_attach(struct loop_fe *lf)
     }
     r = lf_loop_configure(lf, file_fd);
     if (r == 0) {
+      struct stat st;
       lf->loop_nr = nr;
+      lf->rdev = fstat(lf->loop_fd, &st) == 0 ? st.st_rdev : makedev(7, (unsigned)nr);
       break;
     }
     close(lf->loop_fd);
@@ -817,7 +832,6 @@ static bool lf_has_holders(int nr)
 static int lf_busy(struct vdb_disk *d, void *priv)
 {
   struct loop_fe *lf = priv;
-  struct stat st;
   int fd;
 
   if (!lf || lf->loop_nr < 0)
@@ -831,9 +845,7 @@ static int lf_busy(struct vdb_disk *d, void *priv)
   close(fd);
   if (lf_has_holders(lf->loop_nr))
     return 1;
-  if (fstat(lf->loop_fd, &st) < 0)
-    return -errno;
-  return lf_proc_holds(lf->dev, st.st_rdev) ? 1 : 0;
+  return lf_proc_holds(lf->dev, lf->rdev) ? 1 : 0;
 }
 
 /* ---- detach ---- */
