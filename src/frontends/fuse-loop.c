@@ -654,10 +654,9 @@ static int lf_loop_configure(struct loop_fe *lf, int file_fd)
   cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO;
   if (lf->d->readonly)
     cfg.info.lo_flags |= LO_FLAGS_READ_ONLY;
-  /* "vdbus:<name>", truncated to the field's size. */
-  memcpy(cfg.info.lo_file_name, LF_NAME_PREFIX, strlen(LF_NAME_PREFIX));
-  strncpy((char *)cfg.info.lo_file_name + strlen(LF_NAME_PREFIX), lf->d->name,
-          sizeof cfg.info.lo_file_name - strlen(LF_NAME_PREFIX) - 1);
+  /* "vdbus:<name>", the name truncated to fit the field (64 bytes). */
+  snprintf((char *)cfg.info.lo_file_name, sizeof cfg.info.lo_file_name,
+           LF_NAME_PREFIX "%.*s", (int)(LO_NAME_SIZE - sizeof LF_NAME_PREFIX), lf->d->name);
   r = ioctl(lf->loop_fd, LOOP_CONFIGURE, &cfg);
   if (r < 0 && errno == EINVAL) {
     vdb_dbg(VDB_DBG_FUSE, "%s: LOOP_CONFIGURE with direct I/O failed, retrying without",
