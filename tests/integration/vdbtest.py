@@ -191,7 +191,7 @@ class Daemon:
         if check_clean:
             self.check_log()
             if rc != 0:
-                fail("vdbusd exited with %d after SIGTERM (want 0):\n%s" % (rc, self.log_tail()))
+                fail("vdbusd exited with %d after SIGTERM (want 0)" % rc)
         return rc
 
     def kill9(self):
@@ -216,7 +216,7 @@ class Daemon:
         self.log_checked = len(text)
         errs = sanitizer_errors(new)
         if errs:
-            fail("sanitizer errors in the daemon log:\n  %s\n%s" % ("\n  ".join(errs[:10]), self.log_tail(150)))
+            fail("sanitizer errors in the daemon log %s:\n  %s" % (self.log_path, "\n  ".join(errs[:10])))
 
     def log(self):
         try:
@@ -309,6 +309,7 @@ class Daemon:
         if not structured:
             h.set_request_structured_replies(False)
         h.set_export_name(name)
+        h.add_meta_context("base:allocation")
         if tcp:
             h.connect_tcp("127.0.0.1", str(self.port))
         else:

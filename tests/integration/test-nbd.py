@@ -1,0 +1,501 @@
+#!/usr/bin/python3
+"""The NBD export with real clients: nbdinfo, libnbd (python3-libnbd), nbdcopy,
+qemu-img, qemu-io, fio; limits, timeouts, killed and slow clients."""
+import errno
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vdbtest import (Daemon, Skip, case, check, eq, fail, main, run, run_ok, have, wait_for,  # noqa: E402
+                     sha256_file)
+import nbd  # noqa: E402  (python3-libnbd; run with /usr/bin/python3)
+
+MiB = 1 << 20
+
+
+def nbd_errno(fn, *args, **kw):
+    """Call fn; return the errno of the nbd.Error it raises (fail if it succeeds)."""
+    try:
+        fn(*args, **kw)
+    except nbd.Error as e:
+        return e.errno
+    fail("%s%r succeeded, expected an error" % (getattr(fn, "__name__", fn), args))
+
+
+def extents(h, length, offset=0):
+    """base:allocation extents as [(offset, length, flags)]."""
+    out = []
+
+    def cb(meta, off, entries, err):
+        if meta == "base:allocation":
+            pos = off
+            for i in range(0, len(entries), 2):
+                out.append((pos, entries[i], entries[i + 1]))
+                pos += entries[i]
+        return 0
+    h.block_status(length, offset, cb)
+    return out
+
+
+def flags_at(exts, offset):
+    for off, ln, fl in exts:
+        if off <= offset < off + ln:
+            return fl
+    fail("offset %d not covered by extents %r" % (offset, exts))
+
+
+def plug_file(d, name, size="16M", *extra):
+    path = os.path.join(d.data_dir, name + ".img")
+    d.plug("file", path, "--create", "--size", size, "--name", name, "--attach", "none", *extra)
+    return path
+
+
+def random_file(path, size):
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+    return sha256_file(path)
+
+
+@case("nbdinfo: size, flags; nbdinfo --list shows every export (unix and TCP)")
+def t_nbdinfo(d):
+    d.plug("ram", "--size", "64M", "--name", "a", "--attach", "none")
+    d.plug("ram", "--size", "1M", "--name", "b", "--readonly", "--attach", "none")
+    plug_file(d, "c", "2M")
+    d.plug("ram", "--size", "1M", "--name", "hidden", "--no-export", "--attach", "none")
+    info = json.loads(run_ok(["nbdinfo", "--json", d.uri("a")]))
+    exp = info["exports"][0]
+    eq(exp["export-size"], 64 * MiB, "export-size of a")
+    eq(exp["is_read_only"], False, "is_read_only of a")
+    info = json.loads(run_ok(["nbdinfo", "--json", d.uri("b", tcp=True)]))
+    eq(info["exports"][0]["export-size"], MiB, "export-size of b over TCP")
+    eq(info["exports"][0]["is_read_only"], True, "is_read_only of b")
+    for uri in ["nbd+unix:///?socket=" + d.nbd_sock, "nbd://127.0.0.1:%d" % d.port]:
+        out = json.loads(run_ok(["nbdinfo", "--list", "--json", uri]))
+        got = sorted(e["export-name"] for e in out["exports"])
+        eq(got, ["a", "b", "c"], "exports listed by nbdinfo --list %s" % uri)
+    out = run_ok(["nbdinfo", "--list", "nbd+unix:///?socket=" + d.nbd_sock])
+    for n in ["a", "b", "c"]:
+        check("export=\"%s\"" % n in out or "export=%s" % n in out or n in out, "plain --list lacks %s" % n)
+    check("hidden" not in out, "--no-export disk listed by nbdinfo --list")
+    rc, out, err = run(["nbdinfo", d.uri("hidden")])
+    check(rc != 0, "nbdinfo on a --no-export disk succeeded")
+    rc, out, err = run(["nbdinfo", d.uri("nosuchdisk")])
+    check(rc != 0, "nbdinfo on a missing export succeeded")
+
+
+@case("libnbd: read/write/flush/trim/zero/cache, FUA, structured replies, multi-conn (RAM)")
+def t_libnbd_ram(d):
+    d.plug("ram", "--size", "8M", "--name", "r", "--attach", "none")
+    h = d.nbd("r")
+    eq(h.get_size(), 8 * MiB, "size")
+    check(h.get_structured_replies_negotiated(), "structured replies not negotiated")
+    check(h.can_multi_conn(), "RAM disk does not advertise multi-conn")
+    check(h.can_trim(), "RAM disk cannot trim")
+    check(h.can_zero(), "RAM disk cannot zero")
+    check(not h.is_read_only(), "read-only")
+    check(h.can_meta_context("base:allocation"), "base:allocation not negotiated")
+    data = os.urandom(256 * 1024)
+    h.pwrite(data, MiB)
+    eq(h.pread(len(data), MiB), data, "read after write")
+    eq(h.pread(4096, 0), bytes(4096), "unwritten region reads zeroes")
+    if h.can_fua():
+        h.pwrite(b"F" * 4096, 0, nbd.CMD_FLAG_FUA)
+        eq(h.pread(4096, 0), b"F" * 4096, "FUA write")
+    if h.can_flush():
+        h.flush()
+    h.trim(64 * 1024, MiB)
+    got = h.pread(64 * 1024, MiB)
+    check(got == bytes(64 * 1024) or got == data[:64 * 1024], "trim left garbage")
+    h.zero(64 * 1024, MiB + 64 * 1024)
+    eq(h.pread(64 * 1024, MiB + 64 * 1024), bytes(64 * 1024), "after zero")
+    eq(h.pread(1024, MiB + 128 * 1024), data[128 * 1024:129 * 1024], "data after the zeroed range")
+    h.zero(4096, 2 * MiB, nbd.CMD_FLAG_NO_HOLE)
+    eq(h.pread(4096, 2 * MiB), bytes(4096), "zero with NO_HOLE")
+    if h.can_fast_zero():
+        h.zero(4096, 3 * MiB, nbd.CMD_FLAG_FAST_ZERO)
+    if h.can_cache():
+        h.cache(MiB, 0)
+    # a second connection sees the writes (multi-conn)
+    h2 = d.nbd("r", tcp=True)
+    eq(h2.pread(1024, MiB + 128 * 1024), data[128 * 1024:129 * 1024], "second connection (TCP)")
+    h2.shutdown()
+    h.shutdown()
+    st = d.info("r")["stats"]
+    check(st["writes"] >= 1 and st["reads"] >= 4, "counters: %r" % st)
+    check(st["trims"] >= 1 and st["zeroes"] >= 2, "trim/zero counters: %r" % st)
+
+
+@case("libnbd: simple replies (structured replies off) work")
+def t_libnbd_simple(d):
+    d.plug("ram", "--size", "4M", "--name", "s", "--attach", "none")
+    h = d.nbd("s", structured=False)
+    check(not h.get_structured_replies_negotiated(), "structured replies negotiated although refused")
+    h.pwrite(b"x" * 8192, 4096)
+    eq(h.pread(8192, 4096), b"x" * 8192, "read back")
+    h.shutdown()
+
+
+@case("libnbd: base:allocation shows holes on a fresh RAM disk and data after writes")
+def t_extents(d):
+    d.plug("ram", "--size", "16M", "--name", "x", "--attach", "none")
+    h = d.nbd("x")
+    ex = extents(h, 16 * MiB)
+    check(ex, "no extents")
+    for off, ln, fl in ex:
+        eq(fl & 3, 3, "fresh RAM disk extent at %d flags (hole|zero)" % off)
+    h.pwrite(os.urandom(MiB), 4 * MiB)
+    ex = extents(h, 16 * MiB)
+    eq(flags_at(ex, 4 * MiB) & 1, 0, "written range is not a hole")
+    eq(flags_at(ex, 5 * MiB - 1) & 1, 0, "end of the written range is not a hole")
+    eq(flags_at(ex, 0) & 1, 1, "unwritten start is a hole")
+    ex = extents(h, 16 * MiB - 12 * MiB, 12 * MiB)
+    eq(flags_at(ex, 12 * MiB) & 3, 3, "unwritten tail")
+    h.trim(MiB, 4 * MiB)
+    h.zero(MiB, 8 * MiB)
+    ex = extents(h, MiB, 8 * MiB)
+    eq(flags_at(ex, 8 * MiB) & 2, 2, "zeroed range reads as zero in base:allocation")
+    h.shutdown()
+    eq(d.info("x")["stats"]["block_status"] >= 3, True, "block_status counter")
+
+
+@case("errors (non-strict libnbd): out of range → EINVAL, past end → ENOSPC, RO → EPERM, zero length ok, unknown flags → EINVAL")
+def t_errors(d):
+    d.plug("ram", "--size", "1M", "--name", "e", "--attach", "none")
+    d.plug("ram", "--size", "1M", "--name", "ro", "--readonly", "--attach", "none")
+    h = d.nbd("e", strict=False)
+    eq(nbd_errno(h.pread, 4096, MiB), errno.EINVAL, "read past the end")
+    eq(nbd_errno(h.pread, 4096, MiB - 2048), errno.EINVAL, "read across the end")
+    eq(nbd_errno(h.pread, 512, 1 << 62), errno.EINVAL, "read at a huge offset")
+    e = nbd_errno(h.pwrite, b"x" * 4096, MiB)
+    check(e in (errno.ENOSPC, errno.EINVAL), "write past the end: errno %r" % e)
+    e = nbd_errno(h.pwrite, b"x" * 4096, MiB - 1024)
+    check(e in (errno.ENOSPC, errno.EINVAL), "write across the end: errno %r" % e)
+    eq(h.pread(1024, MiB - 1024), bytes(1024), "a failed write across the end wrote nothing")
+    e = nbd_errno(h.trim, 4096, MiB)
+    check(e in (errno.ENOSPC, errno.EINVAL), "trim past the end: errno %r" % e)
+    e = nbd_errno(h.zero, 4096, MiB)
+    check(e in (errno.ENOSPC, errno.EINVAL), "zero past the end: errno %r" % e)
+    # zero-length requests succeed (or EINVAL, which the spec allows; we require success)
+    eq(h.pread(0, 0), b"", "zero-length read")
+    h.pwrite(b"", 4096)
+    # unknown command flags
+    eq(nbd_errno(h.pread, 512, 0, 1 << 9), errno.EINVAL, "read with an unknown flag")
+    eq(nbd_errno(h.pwrite, b"y" * 512, 0, 1 << 9), errno.EINVAL, "write with an unknown flag")
+    eq(h.pread(512, 0), bytes(512), "write with an unknown flag wrote nothing")
+    # the connection still works after all these errors
+    h.pwrite(b"z" * 512, 0)
+    eq(h.pread(512, 0), b"z" * 512, "after errors")
+    h.shutdown()
+    r = d.nbd("ro", strict=False)
+    check(r.is_read_only(), "read-only flag not advertised")
+    eq(nbd_errno(r.pwrite, b"x" * 512, 0), errno.EPERM, "write to a read-only disk")
+    eq(nbd_errno(r.trim, 4096, 0), errno.EPERM, "trim on a read-only disk")
+    eq(nbd_errno(r.zero, 4096, 0), errno.EPERM, "zero on a read-only disk")
+    eq(r.pread(4096, 0), bytes(4096), "read from a read-only disk")
+    r.shutdown()
+    check(d.info("e")["stats"]["errors"] >= 1, "errors counter did not count rejected requests")
+
+
+@case("nbdcopy in and out, checksums match (unix and TCP; RAM and file disks)")
+def t_nbdcopy(d):
+    src = os.path.join(d.data_dir, "src.bin")
+    want = random_file(src, 32 * MiB)
+    d.plug("ram", "--size", "32M", "--name", "r", "--attach", "none")
+    fpath = plug_file(d, "f", "32M")
+    for name, tcp in [("r", False), ("f", True)]:
+        uri = d.uri(name, tcp=tcp)
+        run_ok(["nbdcopy", src, uri], timeout=300)
+        out = os.path.join(d.data_dir, "out-%s.bin" % name)
+        run_ok(["nbdcopy", uri, out], timeout=300)
+        eq(sha256_file(out), want, "checksum of the copy out of %s" % name)
+        os.unlink(out)
+    run_ok(["nbdcopy", "--flush", src, d.uri("f")], timeout=300)
+    eq(sha256_file(fpath), want, "the file backing disk f after nbdcopy --flush")
+    # nbdcopy between two exports, multiple connections
+    d.plug("ram", "--size", "32M", "--name", "r2", "--attach", "none")
+    run_ok(["nbdcopy", "--connections=4", d.uri("r"), d.uri("r2")], timeout=300)
+    out = os.path.join(d.data_dir, "out-r2.bin")
+    run_ok(["nbdcopy", d.uri("r2", tcp=True), out], timeout=300)
+    eq(sha256_file(out), want, "checksum after export-to-export copy")
+
+
+@case("qemu-img convert and compare; qemu-io patterns (-P)")
+def t_qemu(d):
+    if not have("qemu-img") or not have("qemu-io"):
+        raise Skip("qemu-utils not installed")
+    src = os.path.join(d.data_dir, "src.raw")
+    random_file(src, 8 * MiB)
+    d.plug("ram", "--size", "8M", "--name", "q", "--attach", "none")
+    uri = d.uri("q")
+    run_ok(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src, uri], timeout=300)
+    run_ok(["qemu-img", "compare", "-f", "raw", "-F", "raw", src, uri], timeout=300)
+    qcow = os.path.join(d.data_dir, "out.qcow2")
+    run_ok(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", d.uri("q", tcp=True), qcow], timeout=300)
+    run_ok(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", src, qcow], timeout=300)
+    # a difference is detected
+    with open(src, "r+b") as f:
+        f.seek(5 * MiB)
+        f.write(b"\x01" * 16)
+    rc, out, err = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", src, uri], timeout=300)
+    eq(rc, 1, "qemu-img compare exit code for different images (out %r err %r)" % (out, err))
+    d.plug("ram", "--size", "4M", "--name", "io", "--attach", "none")
+    uri = "nbd+unix:///io?socket=" + d.nbd_sock
+    run_ok(["qemu-io", "-f", "raw", "-c", "write -P 0xab 0 64k", "-c", "write -P 0xcd 1M 4k", uri])
+    out = run_ok(["qemu-io", "-f", "raw", "-c", "read -P 0xab 0 64k", "-c", "read -P 0xcd 1M 4k",
+                  "-c", "read -P 0 64k 64k", uri])
+    check("Pattern verification failed" not in out, "qemu-io pattern mismatch:\n" + out)
+    rc, out, err = run(["qemu-io", "-f", "raw", "-c", "read -P 0x11 0 4k", uri])
+    check("Pattern verification failed" in out + err, "qemu-io did not notice a wrong pattern: %r" % out)
+    out = run_ok(["qemu-io", "-f", "raw", "-c", "write -z 0 4k", "-c", "discard 1M 4k",
+                  "-c", "read -P 0 0 4k", "-c", "flush", uri])
+    check("Pattern verification failed" not in out, "after write -z:\n" + out)
+
+
+def fio(args, timeout=300):
+    return run(["fio", "--output-format=json"] + args, timeout=timeout)
+
+
+def fio_verify(d, uri, name):
+    rc, out, err = fio(["--name=" + name, "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite",
+                        "--bs=4k", "--size=16M", "--offset_increment=16M", "--numjobs=2",
+                        "--iodepth=16", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                        "--group_reporting=0"])
+    if rc != 0:
+        fail("fio %s: exit %d\n%s\n%s" % (uri, rc, out[-3000:], err[-3000:]))
+    j = json.loads(out[out.index("{"):])
+    eq(len(j["jobs"]), 2, "fio jobs")
+    for job in j["jobs"]:
+        eq(job["error"], 0, "fio job error")
+        check(job["write"]["io_bytes"] >= 16 * MiB, "fio wrote %d bytes" % job["write"]["io_bytes"])
+        check(job["read"]["io_bytes"] >= 16 * MiB, "fio verified %d bytes" % job["read"]["io_bytes"])
+
+
+@case("fio --ioengine=nbd verify=crc32c, numjobs 2, unix and TCP, RAM and file", timeout=400)
+def t_fio(d):
+    if not have("fio"):
+        raise Skip("fio not installed")
+    d.plug("ram", "--size", "32M", "--name", "r", "--attach", "none")
+    plug_file(d, "f", "32M")
+    fio_verify(d, d.uri("r"), "ram-unix")
+    fio_verify(d, "nbd://127.0.0.1:%d/r" % d.port, "ram-tcp")
+    fio_verify(d, d.uri("f"), "file-unix")
+
+
+@case("file disk: data written over NBD is in the file; FUA and flush")
+def t_file_disk(d):
+    path = plug_file(d, "f", "4M")
+    h = d.nbd("f")
+    check(h.can_flush(), "file disk cannot flush")
+    data = os.urandom(MiB)
+    h.pwrite(data, MiB)
+    if h.can_fua():
+        h.pwrite(b"U" * 4096, 0, nbd.CMD_FLAG_FUA)
+    h.flush()
+    with open(path, "rb") as f:
+        f.seek(MiB)
+        eq(f.read(MiB) == data, True, "file content after flush")
+        if h.can_fua():
+            f.seek(0)
+            eq(f.read(4096), b"U" * 4096, "FUA write in the file")
+    h.trim(4096, MiB)
+    h.zero(4096, MiB + 4096)
+    eq(h.pread(4096, MiB + 4096), bytes(4096), "zeroed range")
+    h.shutdown()
+    d.plug("file", path.replace("f.img", "g.img"), "--create", "--size", "1M", "--name", "g",
+           "--readonly", "--attach", "none")
+    r = d.nbd("g", strict=False)
+    check(r.is_read_only(), "read-only file disk not advertised read-only")
+    eq(nbd_errno(r.pwrite, b"x" * 512, 0), errno.EPERM, "write to a read-only file disk")
+    r.shutdown()
+
+
+@case("a disk of 1000001 bytes is readable and writable to the last byte")
+def t_odd_size(d):
+    d.plug("ram", "--size", "1000001", "--name", "odd", "--attach", "none")
+    h = d.nbd("odd", strict=False)
+    eq(h.get_size(), 1000001, "size")
+    h.pwrite(b"\x5a", 1000000)
+    eq(h.pread(1, 1000000), b"\x5a", "last byte")
+    h.pwrite(b"T" * 1001, 999000)
+    eq(h.pread(1001, 999000), b"T" * 1001, "tail")
+    eq(nbd_errno(h.pread, 2, 1000000), errno.EINVAL, "read of 2 bytes at the last byte")
+    h.shutdown()
+    out = os.path.join(d.data_dir, "odd.bin")
+    run_ok(["nbdcopy", d.uri("odd"), out])
+    eq(os.path.getsize(out), 1000001, "nbdcopy output size")
+    with open(out, "rb") as f:
+        f.seek(999000)
+        eq(f.read(), b"T" * 1000 + b"\x5a", "tail copied by nbdcopy")
+    info = json.loads(run_ok(["nbdinfo", "--json", d.uri("odd")]))
+    eq(info["exports"][0]["export-size"], 1000001, "nbdinfo size")
+
+
+@case("50 libnbd connections at once")
+def t_many(d):
+    d.plug("ram", "--size", "1M", "--name", "m", "--attach", "none")
+    hs = []
+    for i in range(50):
+        hs.append(d.nbd("m", tcp=bool(i % 2)))
+    for i, h in enumerate(hs):
+        h.pwrite(bytes([i]) * 4096, i * 4096)
+    for i, h in enumerate(hs):
+        j = (i + 7) % 50
+        eq(h.pread(4096, j * 4096), bytes([j]) * 4096, "connection %d reads block %d" % (i, j))
+    # async: all 50 in flight at once
+    cookies = []
+    bufs = []
+    for i, h in enumerate(hs):
+        b = nbd.Buffer(4096)
+        bufs.append(b)
+        cookies.append(h.aio_pread(b, ((i + 1) % 50) * 4096))
+    for i, h in enumerate(hs):
+        while not h.aio_command_completed(cookies[i]):
+            h.poll(-1)
+        eq(bufs[i].to_bytearray(), bytearray(bytes([(i + 1) % 50]) * 4096), "async read of %d" % i)
+    for h in hs:
+        h.shutdown()
+    wait_for(lambda: d.info("m")["stats"]["inflight"] == 0, what="inflight back to 0")
+
+
+@case("clients killed mid-transfer (fio, nbdcopy): the daemon keeps serving", timeout=300)
+def t_killed(d):
+    d.plug("ram", "--size", "256M", "--name", "k", "--attach", "none")
+    procs = []
+    if have("fio"):
+        procs.append(subprocess.Popen(["fio", "--name=kill", "--ioengine=nbd", "--uri=" + d.uri("k"),
+                                       "--rw=randrw", "--bs=64k", "--size=256M", "--iodepth=32",
+                                       "--time_based", "--runtime=60", "--numjobs=2"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    src = os.path.join(d.data_dir, "big.bin")
+    with open(src, "wb") as f:
+        f.truncate(256 * MiB)
+    procs.append(subprocess.Popen(["nbdcopy", "--connections=4", src, d.uri("k", tcp=True)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    # a raw client that sends half a write and dies
+    from vdbtest import connect_raw_go, CMD_WRITE
+    r = connect_raw_go(d, "k")
+    r.request(CMD_WRITE, 1, 0, 65536, data=b"x" * 1000)
+    time.sleep(1.5)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    r.close()
+    for p in procs:
+        p.wait(30)
+    h = d.nbd("k")
+    h.pwrite(b"alive" * 100, 0)
+    eq(h.pread(500, 0), b"alive" * 100, "daemon serves after killed clients")
+    h.shutdown()
+    wait_for(lambda: d.info("k")["stats"]["inflight"] == 0, timeout=15, what="inflight back to 0")
+    d.cli_ok("unplug", "k")
+
+
+@case("slow client that never finishes the handshake is dropped after --handshake-timeout",
+      extra=["--handshake-timeout", "2"])
+def t_handshake_timeout(d):
+    d.plug("ram", "--size", "1M", "--name", "t", "--attach", "none")
+    t0 = time.time()
+    silent = d.raw(timeout=10)          # reads the greeting, sends nothing
+    silent.greeting()
+    half = d.raw(tcp=True, timeout=10)  # sends client flags, then no option
+    half.handshake()
+    h = d.nbd("t")                      # a normal client is not affected
+    check(silent.closed_by_server(timeout=8), "silent client not dropped within 8 s")
+    el = time.time() - t0
+    check(el >= 1.5, "dropped after %.1fs, before the 2 s timeout" % el)
+    check(half.closed_by_server(timeout=4), "client in option haggling not dropped")
+    time.sleep(1)
+    h.pwrite(b"ok" * 256, 0)            # past the timeout, in transmission: not dropped
+    eq(h.pread(512, 0), b"ok" * 256, "transmission-phase client after the handshake timeout")
+    h.shutdown()
+
+
+@case("--max-connections: extra clients are refused, existing ones keep working",
+      extra=["--max-connections", "4"])
+def t_max_conn(d):
+    d.plug("ram", "--size", "1M", "--name", "c", "--attach", "none")
+    hs = [d.nbd("c", tcp=bool(i % 2)) for i in range(4)]
+    for extra_try in range(2):
+        try:
+            h5 = d.nbd("c")
+        except nbd.Error:
+            pass
+        else:
+            try:
+                h5.pread(512, 0)
+            except nbd.Error:
+                pass
+            else:
+                fail("a 5th connection was accepted with --max-connections 4")
+    for i, h in enumerate(hs):
+        h.pwrite(bytes([i + 1]) * 512, i * 512)
+        eq(h.pread(512, i * 512), bytes([i + 1]) * 512, "existing connection %d" % i)
+    hs.pop().shutdown()
+    h = wait_for(lambda: _try_connect(d, "c"), timeout=10, what="a connection after one closed")
+    eq(h.pread(512, 0), b"\x01" * 512, "new connection after one closed")
+    h.shutdown()
+    for h in hs:
+        h.shutdown()
+
+
+def _try_connect(d, name):
+    try:
+        h = d.nbd(name)
+        h.pread(1, 0)
+        return h
+    except nbd.Error:
+        return None
+
+
+@case("unplug with a client connected: its next request fails, the daemon is fine")
+def t_unplug_connected(d):
+    d.plug("ram", "--size", "1M", "--name", "u", "--attach", "none")
+    d.plug("ram", "--size", "1M", "--name", "other", "--attach", "none")
+    h = d.nbd("u")
+    o = d.nbd("other")
+    h.pwrite(b"a" * 512, 0)
+    d.cli_ok("unplug", "u")
+    try:
+        h.pread(512, 0)
+    except nbd.Error:
+        pass
+    else:
+        fail("a request on an unplugged disk succeeded")
+    o.pwrite(b"b" * 512, 0)
+    eq(o.pread(512, 0), b"b" * 512, "another disk's client still works")
+    o.shutdown()
+    rc, out, err = run(["nbdinfo", d.uri("u")])
+    check(rc != 0, "nbdinfo on an unplugged disk succeeded")
+    d.plug("ram", "--size", "2M", "--name", "u", "--attach", "none")
+    h2 = d.nbd("u")
+    eq(h2.get_size(), 2 * MiB, "a new disk with the same name")
+    eq(h2.pread(512, 0), bytes(512), "the new disk is empty")
+    h2.shutdown()
+
+
+@case("--no-export: not listed, not reachable")
+def t_no_export(d):
+    d.plug("ram", "--size", "1M", "--name", "vis", "--attach", "none")
+    d.plug("ram", "--size", "1M", "--name", "hid", "--no-export", "--attach", "none")
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_unix(d.nbd_sock)
+    names = []
+    h.opt_list(lambda name, desc: names.append(name) or 0)
+    h.opt_abort()
+    eq(sorted(names), ["vis"], "exports in NBD_OPT_LIST")
+    try:
+        d.nbd("hid")
+    except nbd.Error:
+        pass
+    else:
+        fail("connected to a --no-export disk")
+
+
+if __name__ == "__main__":
+    main()
