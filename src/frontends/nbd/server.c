@@ -177,6 +177,7 @@ static int send_outq(struct nbd_conn *c)
 }
 
 static void conn_process(struct nbd_conn *c);
+static void conn_mark_closing(struct nbd_conn *c);
 
 /* Send what is queued; resume reading when backpressure eased; destroy a
  * closing connection once it is drained.  Not inside the read handler. */
@@ -193,7 +194,7 @@ void nbd_conn_flush(struct nbd_conn *c)
       vdb_dbg(VDB_DBG_NBD, "%s: send: %s", c->peer, strerror(-r));
       c->write_failed = true;
       conn_drop_output(c);
-      nbd_conn_close(c);
+      conn_mark_closing(c);
       continue;
     }
     if (c->throttled && c->nreqs < NBD_MAX_INFLIGHT / 2 && c->inbytes < NBD_MAX_INBYTES / 2 &&
@@ -216,7 +217,8 @@ void nbd_conn_flush(struct nbd_conn *c)
 
 /* ---- closing ---- */
 
-void nbd_conn_close(struct nbd_conn *c)
+/* Stop reading; the connection is destroyed once drained (see flush). */
+static void conn_mark_closing(struct nbd_conn *c)
 {
   if (c->state == NBD_CONN_CLOSING || c->state == NBD_CONN_DEAD)
     return;
@@ -227,6 +229,12 @@ void nbd_conn_close(struct nbd_conn *c)
     c->payload_req = NULL;
   }
   shutdown(c->fd, SHUT_RD);
+}
+
+/* The caller must hold a reference if it touches c afterwards. */
+void nbd_conn_close(struct nbd_conn *c)
+{
+  conn_mark_closing(c);
   if (!c->in_handler)
     nbd_conn_flush(c);
 }

@@ -231,6 +231,7 @@ static void tx_finish(struct nbd_req *r, int err)
 {
   struct nbd_conn *c = r->conn;
 
+  nbd_conn_ref(c);
   c->inflight--;
   if (r->cmd == NBD_CMD_READ || r->cmd == NBD_CMD_WRITE)
     c->inbytes -= r->len;
@@ -239,11 +240,9 @@ static void tx_finish(struct nbd_req *r, int err)
   else
     tx_reply(c, r, err);
   nbd_tx_maybe_finish(c);
-  if (!c->in_handler) {
-    nbd_conn_ref(c);
+  if (!c->in_handler)
     nbd_conn_flush(c);
-    nbd_conn_unref(c);
-  }
+  nbd_conn_unref(c);
 }
 
 static void tx_finish_posted(void *arg)
