@@ -24,7 +24,8 @@ def nbd_errno(fn, *args, **kw):
     try:
         fn(*args, **kw)
     except nbd.Error as e:
-        return e.errno
+        # python3-libnbd 1.14 gives the errno as a name ("EINVAL")
+        return getattr(errno, e.errno, e.errno) if isinstance(e.errno, str) else e.errno
     fail("%s%r succeeded, expected an error" % (getattr(fn, "__name__", fn), args))
 
 
@@ -320,10 +321,11 @@ def t_odd_size(d):
     d.plug("ram", "--size", "1000001", "--name", "odd", "--attach", "none")
     h = d.nbd("odd", strict=False)
     eq(h.get_size(), 1000001, "size")
-    h.pwrite(b"\x5a", 1000000)
-    eq(h.pread(1, 1000000), b"\x5a", "last byte")
     h.pwrite(b"T" * 1001, 999000)
     eq(h.pread(1001, 999000), b"T" * 1001, "tail")
+    h.pwrite(b"\x5a", 1000000)
+    eq(h.pread(1, 1000000), b"\x5a", "last byte")
+    eq(h.pread(2, 999999), b"T\x5a", "last two bytes")
     eq(nbd_errno(h.pread, 2, 1000000), errno.EINVAL, "read of 2 bytes at the last byte")
     h.shutdown()
     out = os.path.join(d.data_dir, "odd.bin")

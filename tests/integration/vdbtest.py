@@ -61,9 +61,14 @@ def check(cond, msg):
         raise TestFailure(msg)
 
 
+def _short(v, n=300):
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "...(%d chars)" % len(r)
+
+
 def eq(got, want, what=""):
     if got != want:
-        raise TestFailure("%s: expected %r, got %r" % (what or "value", want, got))
+        raise TestFailure("%s: expected %s, got %s" % (what or "value", _short(want), _short(got)))
 
 
 def is_root():
