@@ -141,6 +141,8 @@ static int lf_errno(int err)
 
 /* ---- the request pool ---- */
 
+static void lf_ctx_put(struct lf_ctx *c);
+
 /* A context with a buffer of at least len bytes, counted in flight, or NULL
  * (out of memory).  Any thread. */
 static struct lf_ctx *lf_ctx_get(struct loop_fe *lf, size_t len)
@@ -151,11 +153,12 @@ static struct lf_ctx *lf_ctx_get(struct loop_fe *lf, size_t len)
   c = lf->free;
   if (c)
     lf->free = c->next;
+  lf->inflight++;
   pthread_mutex_unlock(&lf->lock);
   if (!c) {
     c = calloc(1, sizeof *c);
     if (!c)
-      return NULL;
+      goto fail;
     c->lf = lf;
   }
   if (len > c->cap) {
@@ -163,22 +166,23 @@ static struct lf_ctx *lf_ctx_get(struct loop_fe *lf, size_t len)
     void *buf;
 
     if (posix_memalign(&buf, LF_BUF_ALIGN, cap) != 0) {
-      pthread_mutex_lock(&lf->lock);
-      c->next = lf->free;
-      lf->free = c;
-      pthread_mutex_unlock(&lf->lock);
+      lf_ctx_put(c);
       return NULL;
     }
     free(c->buf);
     c->buf = buf;
     c->cap = cap;
   }
-  pthread_mutex_lock(&lf->lock);
-  lf->inflight++;
-  pthread_mutex_unlock(&lf->lock);
   c->next = NULL;
   memset(&c->req, 0, sizeof c->req);
   return c;
+
+fail:
+  pthread_mutex_lock(&lf->lock);
+  if (--lf->inflight == 0)
+    pthread_cond_broadcast(&lf->cond);
+  pthread_mutex_unlock(&lf->lock);
+  return NULL;
 }
 
 /* Return c to the pool; wakes detach when the last request finishes. */
