@@ -5,6 +5,7 @@
 
 #include "bus/bus.h"
 #include "common/log.h"
+#include "common/loop.h"
 
 void vdb_req_complete(struct vdb_req *req, int err)
 {
@@ -134,14 +135,39 @@ static void sync_done(struct vdb_req *req, int err)
   pthread_mutex_unlock(&w->lock);
 }
 
+struct sync_submit {
+  struct vdb_disk *d;
+  struct vdb_req *req;
+};
+
+static void sync_submit_on_worker(void *arg)
+{
+  struct sync_submit *s = arg;
+
+  vdb_disk_submit(s->d, s->req);
+}
+
+/* Blocks the calling thread.  A backend may complete a request submitted on
+ * an event-loop thread through that loop (io_uring), which would never run
+ * while we wait: so from a loop thread other than a worker, the request is
+ * submitted on a worker loop instead. */
 int vdb_disk_flush_sync(struct vdb_disk *d)
 {
   struct sync_wait w = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false, 0 };
   struct vdb_req req = { .type = VDB_REQ_FLUSH, .done = sync_done, .opaque = &w };
+  struct sync_submit s = { d, &req };
+  struct vdb_loop *cur = vdb_loop_current();
+  bool on_worker = false;
 
   if (d->readonly)
     return 0;
-  vdb_disk_submit(d, &req);
+  for (int i = 0; cur && i < vdb_workers_count(); i++)
+    on_worker |= vdb_worker_get(i) == cur;
+  if (cur && !on_worker && vdb_workers_count() > 0 &&
+      vdb_loop_post(vdb_worker_pick(), sync_submit_on_worker, &s) == 0)
+    ;
+  else
+    vdb_disk_submit(d, &req);
   pthread_mutex_lock(&w.lock);
   while (!w.done)
     pthread_cond_wait(&w.cond, &w.lock);

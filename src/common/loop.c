@@ -30,6 +30,8 @@ struct vdb_loop {
   struct vdb_watch ring_w;         /* eventfd signalled by ring completions */
   bool ring_failed;                /* io_uring unavailable: do not retry */
   unsigned ring_inflight;          /* SQEs handed out and not yet reaped */
+  struct epoll_event *batch;       /* events being dispatched (vdb_loop_run) */
+  int batch_n;
 };
 
 #define LOOP_RING_ENTRIES 256
@@ -135,9 +137,14 @@ int vdb_loop_modify(struct vdb_loop *loop, struct vdb_watch *w, uint32_t events)
   return epoll_ctl(loop->epfd, EPOLL_CTL_MOD, w->fd, &ev) < 0 ? -errno : 0;
 }
 
+/* Also forgets w's pending event in the batch being dispatched, so that its
+ * owner may free it as soon as this returns. */
 void vdb_loop_unwatch(struct vdb_loop *loop, struct vdb_watch *w)
 {
   epoll_ctl(loop->epfd, EPOLL_CTL_DEL, w->fd, NULL);
+  for (int i = 0; i < loop->batch_n; i++)
+    if (loop->batch[i].data.ptr == w)
+      loop->batch[i].data.ptr = NULL;
 }
 
 void vdb_timer_stop(struct vdb_loop *loop, struct vdb_timer *t)
@@ -352,10 +359,14 @@ int vdb_loop_run(struct vdb_loop *loop)
       current_loop = NULL;
       return -errno;
     }
+    loop->batch = evs;
+    loop->batch_n = n;
     for (int i = 0; i < n; i++) {
       struct vdb_watch *w = evs[i].data.ptr;
-      w->cb(w, evs[i].events);
+      if (w)
+        w->cb(w, evs[i].events);
     }
+    loop->batch_n = 0;
     loop_fire_timers(loop);
   }
   loop_run_calls(loop);
