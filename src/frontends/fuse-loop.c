@@ -42,6 +42,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "common/loop.h"
+#include "frontends/blkdev.h"
 #include "frontends/frontend.h"
 
 #ifndef PR_SET_IO_FLUSHER
@@ -102,28 +103,6 @@ static void lf_sleep_ms(unsigned ms)
 {
   struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
   nanosleep(&ts, NULL);
-}
-
-/* Read a small sysfs file into buf without the trailing newline.
- * 0 or -errno. */
-static int lf_read_sysfs(const char *path, char *buf, size_t len)
-{
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  ssize_t n;
-
-  if (fd < 0)
-    return -errno;
-  n = read(fd, buf, len - 1);
-  if (n < 0) {
-    int e = errno;
-    close(fd);
-    return -e;
-  }
-  close(fd);
-  while (n > 0 && buf[n - 1] == '\n')
-    n--;
-  buf[n] = '\0';
-  return 0;
 }
 
 static bool lf_has_prefix(const char *s, const char *prefix)
@@ -765,90 +744,14 @@ static int lf_attach(struct vdb_disk *d, void **priv, char *device, size_t devle
 
 /* ---- busy ---- */
 
-/* Does another process hold an fd on the block device rdev (or path)? */
-static bool lf_proc_holds(const char *devpath, dev_t rdev)
-{
-  DIR *proc = opendir("/proc");
-  struct dirent *pe;
-  pid_t self = getpid();
-  bool found = false;
-
-  if (!proc)
-    return false;
-  while (!found && (pe = readdir(proc))) {
-    char fddir[64];
-    DIR *fds;
-    struct dirent *fe;
-    char *end;
-    long pid = strtol(pe->d_name, &end, 10);
-
-    if (*end || pid <= 0 || pid == self)
-      continue;
-    snprintf(fddir, sizeof fddir, "/proc/%ld/fd", pid);
-    fds = opendir(fddir);
-    if (!fds)
-      continue;
-    while (!found && (fe = readdir(fds))) {
-      char link[PATH_MAX], target[PATH_MAX];
-      struct stat st;
-      ssize_t n;
-
-      if (fe->d_name[0] == '.')
-        continue;
-      snprintf(link, sizeof link, "%s/%s", fddir, fe->d_name);
-      n = readlink(link, target, sizeof target - 1);
-      if (n <= 0)
-        continue;
-      target[n] = '\0';
-      if (strcmp(target, devpath) == 0)
-        found = true;
-      else if (lf_has_prefix(target, "/dev/") && stat(link, &st) == 0 &&
-               S_ISBLK(st.st_mode) && st.st_rdev == rdev)
-        found = true;
-    }
-    closedir(fds);
-  }
-  closedir(proc);
-  return found;
-}
-
-/* Has /sys/block/loopN/holders any entry (device-mapper, md, …)? */
-static bool lf_has_holders(int nr)
-{
-  char path[64];
-  DIR *dir;
-  struct dirent *e;
-  bool any = false;
-
-  snprintf(path, sizeof path, "/sys/block/loop%d/holders", nr);
-  dir = opendir(path);
-  if (!dir)
-    return false;
-  while (!any && (e = readdir(dir)))
-    if (e->d_name[0] != '.')
-      any = true;
-  closedir(dir);
-  return any;
-}
-
 /* 1 if /dev/loopN is mounted, claimed or held open by another process. */
 static int lf_busy(struct vdb_disk *d, void *priv)
 {
   struct loop_fe *lf = priv;
-  int fd;
 
   if (!lf || lf->loop_nr < 0)
     return 0;
-  fd = open(lf->dev, O_RDONLY | O_EXCL | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) {
-    if (errno == EBUSY)
-      return 1;
-    return -errno;
-  }
-  close(fd);
-  if (lf_has_holders(lf->loop_nr))
-    return 1;
-  return lf_proc_holds(lf->dev, lf->rdev) ? 1 : 0;
+  return vdb_blkdev_busy(lf->dev, lf->rdev);
 }
 
 /* ---- detach ---- */
@@ -963,7 +866,7 @@ static void lf_cleanup_loops(const char *disks_dir)
     if (!lf_has_prefix(e->d_name, "loop"))
       continue;
     snprintf(path, sizeof path, "/sys/block/%s/loop/backing_file", e->d_name);
-    if (lf_read_sysfs(path, backing, sizeof backing) < 0 ||
+    if (vdb_sysfs_read(path, backing, sizeof backing) < 0 ||
         !lf_has_prefix(backing, disks_dir))
       continue;
     snprintf(dev, sizeof dev, "/dev/%s", e->d_name);
@@ -986,52 +889,6 @@ static void lf_cleanup_loops(const char *disks_dir)
     close(fd);
   }
   closedir(dir);
-}
-
-/* Undo mountinfo's octal escapes (\040 …) in place. */
-static void lf_unescape(char *s)
-{
-  char *o = s;
-
-  for (; *s; s++) {
-    if (s[0] == '\\' && s[1] >= '0' && s[1] <= '3' && s[2] >= '0' && s[2] <= '7' &&
-        s[3] >= '0' && s[3] <= '7') {
-      *o++ = (char)((s[1] - '0') * 64 + (s[2] - '0') * 8 + (s[3] - '0'));
-      s += 3;
-    } else {
-      *o++ = *s;
-    }
-  }
-  *o = '\0';
-}
-
-/* Lazily unmount every mount under disks_dir.  Returns how many. */
-static int lf_cleanup_mounts(const char *disks_dir)
-{
-  FILE *f = fopen("/proc/self/mountinfo", "re");
-  char line[4096];
-  int n = 0;
-
-  if (!f)
-    return 0;
-  while (fgets(line, sizeof line, f)) {
-    char mnt[PATH_MAX];
-
-    /* id parent major:minor root mount-point … */
-    if (sscanf(line, "%*s %*s %*s %*s %4095s", mnt) != 1)
-      continue;
-    lf_unescape(mnt);
-    if (!lf_has_prefix(mnt, disks_dir))
-      continue;
-    if (umount2(mnt, MNT_DETACH | UMOUNT_NOFOLLOW) == 0) {
-      vdb_info("unmounted stale FUSE file %s", mnt);
-      n++;
-    } else {
-      vdb_warn("unmount stale %s: %s", mnt, strerror(errno));
-    }
-  }
-  fclose(f);
-  return n;
 }
 
 static void lf_cleanup_files(const char *disks_dir)
@@ -1060,7 +917,7 @@ static void lf_cleanup_stale(const char *run_dir)
     return;
   snprintf(disks_dir, sizeof disks_dir, "%s/disks/", run_dir);
   lf_cleanup_loops(disks_dir);
-  for (int i = 0; i < 8 && lf_cleanup_mounts(disks_dir) > 0; i++)
+  for (int i = 0; i < 8 && vdb_unmount_under(disks_dir) > 0; i++)
     ;
   lf_cleanup_files(disks_dir);
 }
