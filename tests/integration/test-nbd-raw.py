@@ -1,0 +1,355 @@
+#!/usr/bin/python3
+"""The NBD protocol byte by byte (a raw socket client): what libnbd cannot send."""
+import os
+import socket
+import struct
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vdbtest import *  # noqa: E402,F403
+from vdbtest import case, check, eq, fail, main, connect_raw_go  # noqa: E402
+
+MiB = 1 << 20
+
+
+def setup(d, name="r", size="1M", *extra):
+    d.plug("ram", "--size", size, "--name", name, "--attach", "none", *extra)
+
+
+def alive(d, name="r"):
+    """The daemon still serves a normal client."""
+    r = connect_raw_go(d, name)
+    err, data, _ = r.cmd(CMD_READ, 77, 0, 512)
+    eq(err, 0, "read by a fresh client")
+    r.disconnect()
+    eq(d.control("hello")["result"]["protocol"], 1, "control socket answers")
+
+
+@case("greeting: NBDMAGIC, IHAVEOPT, FIXED_NEWSTYLE|NO_ZEROES (unix and TCP)")
+def t_greeting(d):
+    setup(d)
+    for tcp in (False, True):
+        r = d.raw(tcp=tcp)
+        f = r.greeting()
+        eq(f & (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES, "handshake flags")
+        r.client_flags()
+        eq(r.go("r"), REP_ACK, "GO")
+        eq(r.size, MiB, "size in NBD_INFO_EXPORT")
+        check(r.tflags & TFLAG_HAS_FLAGS, "HAS_FLAGS")
+        check(r.tflags & TFLAG_SEND_TRIM and r.tflags & TFLAG_SEND_WRITE_ZEROES, "trim/zeroes flags %#x" % r.tflags)
+        check(not r.tflags & TFLAG_READ_ONLY, "READ_ONLY set on a writable disk")
+        r.disconnect()
+
+
+@case("unknown client flags: the server drops the connection")
+def t_bad_client_flags(d):
+    setup(d)
+    r = d.raw()
+    r.greeting()
+    r.client_flags(FLAG_C_FIXED_NEWSTYLE | (1 << 20))
+    check(r.closed_by_server(5), "connection kept after unknown client flags")
+    alive(d)
+
+
+@case("NBD_OPT_EXPORT_NAME (old way into transmission) with NO_ZEROES")
+def t_export_name(d):
+    setup(d, "r", "2M")
+    r = d.raw()
+    r.handshake()
+    size, tflags = r.export_name("r")
+    eq(size, 2 * MiB, "size")
+    err, data, _ = r.cmd(CMD_WRITE, 1, 4096, 4, data=b"abcd")
+    eq(err, 0, "write")
+    err, data, _ = r.cmd(CMD_READ, 2, 4096, 4)
+    eq((err, data), (0, b"abcd"), "read")
+    r.disconnect()
+    r = d.raw()
+    r.handshake()
+    r.send_option(OPT_EXPORT_NAME, b"nosuch")
+    check(r.closed_by_server(5), "EXPORT_NAME of a missing export did not close the connection")
+
+
+@case("unknown option → NBD_REP_ERR_UNSUP and negotiation continues")
+def t_unknown_option(d):
+    setup(d)
+    r = d.raw()
+    r.handshake()
+    for opt in (42, 0x7FFF, 4):
+        t, _ = r.option(opt, b"some data")
+        eq(t, REP_ERR_UNSUP, "reply to option %d" % opt)
+    eq(r.go("r"), REP_ACK, "GO after unknown options")
+    r.disconnect()
+
+
+@case("malformed option lengths → NBD_REP_ERR_INVALID, negotiation continues")
+def t_malformed(d):
+    setup(d)
+    r = d.raw()
+    r.handshake()
+    # GO whose name length points past the payload
+    t, _ = r.option(OPT_GO, struct.pack(">I", 100) + b"r")
+    eq(t, REP_ERR_INVALID, "GO with name length > payload")
+    t, _ = r.option(OPT_GO, b"\x00\x00")
+    eq(t, REP_ERR_INVALID, "GO with a 2-byte payload")
+    # GO with the info-request count too large for the payload
+    t, _ = r.option(OPT_GO, struct.pack(">I", 1) + b"r" + struct.pack(">H", 5) + b"\x00\x00")
+    eq(t, REP_ERR_INVALID, "GO with a short info-request list")
+    t, _ = r.option(OPT_LIST, b"junk")
+    eq(t, REP_ERR_INVALID, "LIST with a payload")
+    t, _ = r.option(OPT_STRUCTURED_REPLY, b"x")
+    eq(t, REP_ERR_INVALID, "STRUCTURED_REPLY with a payload")
+    t, _ = r.option(OPT_INFO, b"")
+    eq(t, REP_ERR_INVALID, "INFO with an empty payload")
+    eq(r.go("r"), REP_ACK, "GO after malformed options")
+    r.disconnect()
+
+
+@case("NBD_OPT_LIST: one NBD_REP_SERVER per exported disk, then ACK")
+def t_list(d):
+    setup(d, "a")
+    setup(d, "bb")
+    setup(d, "hidden", "1M", "--no-export")
+    r = d.raw()
+    r.handshake()
+    t, replies = r.option(OPT_LIST)
+    eq(t, REP_ACK, "final reply")
+    names = []
+    for rt, data in replies[:-1]:
+        eq(rt, REP_SERVER, "reply type")
+        n = struct.unpack(">I", data[:4])[0]
+        names.append(data[4:4 + n].decode())
+    eq(sorted(names), ["a", "bb"], "exports")
+    eq(r.go("a"), REP_ACK, "GO after LIST")
+    r.disconnect()
+
+
+@case("NBD_OPT_INFO: a missing export → NBD_REP_ERR_UNKNOWN; INFO then GO")
+def t_info(d):
+    setup(d, "r", "3M")
+    r = d.raw()
+    r.handshake()
+    eq(r.go("nosuch", opt=OPT_INFO), REP_ERR_UNKNOWN, "INFO of a missing export")
+    eq(r.go("nosuch"), REP_ERR_UNKNOWN, "GO of a missing export")
+    eq(r.go("r", infos=(INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE), opt=OPT_INFO), REP_ACK, "INFO r")
+    eq(r.size, 3 * MiB, "size from INFO")
+    if INFO_BLOCK_SIZE in r.infos:
+        mn, pref, mx = struct.unpack(">III", r.infos[INFO_BLOCK_SIZE])
+        check(mn >= 1 and mn <= pref <= mx, "block sizes %d %d %d" % (mn, pref, mx))
+    if INFO_NAME in r.infos:
+        eq(r.infos[INFO_NAME], b"r", "INFO_NAME")
+    eq(r.go("r"), REP_ACK, "GO after INFO")
+    err, data, _ = r.cmd(CMD_READ, 1, 0, 512)
+    eq(err, 0, "read")
+    r.disconnect()
+
+
+@case("NBD_OPT_EXTENDED_HEADERS, GO, 32-byte requests and extended replies")
+def t_extended(d):
+    setup(d, "r", "4M")
+    r = connect_raw_go(d, "r", extended=True)
+    eq(r.size, 4 * MiB, "size")
+    payload = os.urandom(8192)
+    r.request(CMD_WRITE, 0x1122334455667788, 4096, len(payload), data=payload)
+    rep = r.recv_reply()
+    eq(rep.kind, "extended", "reply kind for a write")
+    eq(rep.handle, 0x1122334455667788, "cookie")
+    check(rep.done, "write reply without DONE")
+    eq(rep.error, 0, "write error")
+    err, data, chunks = r.cmd(CMD_READ, 5, 4096, 8192)
+    eq(err, 0, "read error")
+    eq(data, payload, "read data")
+    check(all(c.kind == "extended" for c in chunks), "non-extended reply chunk: %r" % chunks)
+    # errors also come as extended chunks
+    err, _, chunks = r.cmd(CMD_READ, 6, 4 * MiB, 512)
+    eq(err, NBD_EINVAL, "read past the end")
+    check(all(c.kind == "extended" for c in chunks), "error reply not extended: %r" % chunks)
+    # a length over 32 bits is representable only with extended headers: rejected, not truncated
+    r.request(CMD_READ, 7, 0, (1 << 32) + 512)
+    chunks = r.recv_all_chunks()
+    check(any(c.error for c in chunks), "4 GiB+ read of a 4 MiB disk succeeded")
+    err, _, _ = r.cmd(CMD_FLUSH, 8)
+    check(err in (0, NBD_EINVAL), "flush: %d" % err)
+    # a simple request magic after extended headers is a protocol error
+    r.send(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, 9, 0, 512))
+    try:
+        reps = r.recv_all_chunks()
+        check(any(c.error for c in reps), "a compact request accepted after extended headers")
+    except (EOFError, ConnectionResetError, TestFailure):
+        pass
+    r.close()
+    alive(d)
+
+
+@case("NBD_OPT_STRUCTURED_REPLY: reads come as OFFSET_DATA chunks")
+def t_structured(d):
+    setup(d)
+    r = connect_raw_go(d, "r", structured=True)
+    err, _, _ = r.cmd(CMD_WRITE, 1, 0, 1024, data=b"q" * 1024)
+    eq(err, 0, "write")
+    err, data, chunks = r.cmd(CMD_READ, 2, 0, 1024)
+    eq((err, data), (0, b"q" * 1024), "read")
+    check(all(c.kind == "structured" for c in chunks), "chunks %r" % chunks)
+    err, _, chunks = r.cmd(CMD_READ, 3, MiB, 512)
+    eq(err, NBD_EINVAL, "read past the end (structured error chunk)")
+    r.disconnect()
+
+
+@case("STARTTLS without TLS configured → ERR_POLICY or ERR_UNSUP")
+def t_starttls(d):
+    setup(d)
+    r = d.raw()
+    r.handshake()
+    t, _ = r.option(OPT_STARTTLS)
+    check(t in (REP_ERR_POLICY, REP_ERR_UNSUP), "STARTTLS reply %#x" % t)
+    eq(r.go("r"), REP_ACK, "GO after refused STARTTLS")
+    r.disconnect()
+
+
+@case("unknown command → EINVAL reply, connection usable")
+def t_unknown_cmd(d):
+    setup(d)
+    r = connect_raw_go(d, "r")
+    for cmd in (42, 0xFFFF, 8):
+        err, _, _ = r.cmd(cmd, 100 + cmd, 0, 0)
+        eq(err, NBD_EINVAL, "error for command %d" % cmd)
+    err, data, _ = r.cmd(CMD_READ, 3, 0, 16)
+    eq((err, data), (0, bytes(16)), "read after unknown commands")
+    err, _, _ = r.cmd(CMD_READ, 4, 0, 16, flags=1 << 12)
+    eq(err, NBD_EINVAL, "read with an unknown flag")
+    r.disconnect()
+
+
+@case("garbage request magic → disconnect, daemon unharmed")
+def t_garbage(d):
+    setup(d)
+    r = connect_raw_go(d, "r")
+    r.send(b"\xde\xad\xbe\xef" * 7)
+    check(r.closed_by_server(5), "connection kept after a garbage request")
+    alive(d)
+    r = d.raw()                       # garbage instead of client flags / options
+    r.greeting()
+    r.send(os.urandom(300))
+    check(r.closed_by_server(5), "connection kept after garbage in the handshake")
+    r = d.raw()
+    r.handshake()
+    r.send(b"NOTMAGIC" + os.urandom(64))
+    check(r.closed_by_server(5), "connection kept after a bad option magic")
+    alive(d)
+
+
+@case("truncated write payload then close → daemon ok, nothing half-written visible as error")
+def t_truncated_write(d):
+    setup(d)
+    for tcp in (False, True):
+        r = connect_raw_go(d, "r", tcp=tcp)
+        r.request(CMD_WRITE, 1, 0, 65536, data=b"w" * 1000)
+        r.close()
+    r = connect_raw_go(d, "r")
+    r.request(CMD_WRITE, 1, 0, 4096)  # header only
+    r.close()
+    time.sleep(0.3)
+    alive(d)
+    wait_for(lambda: d.info("r")["stats"]["inflight"] == 0, what="inflight 0")
+
+
+@case("NBD_OPT_ABORT → ACK and close")
+def t_abort(d):
+    setup(d)
+    r = d.raw()
+    r.handshake()
+    r.send_option(OPT_ABORT)
+    try:
+        opt, t, _ = r.recv_option_reply()
+        eq((opt, t), (OPT_ABORT, REP_ACK), "ABORT reply")
+    except EOFError:
+        fail("server closed without acknowledging NBD_OPT_ABORT")
+    check(r.closed_by_server(5), "server kept the connection after ABORT")
+    alive(d)
+
+
+@case("oversized option (> 64 KiB) is refused or the connection dropped; daemon ok")
+def t_oversized(d):
+    setup(d)
+    r = d.raw()
+    r.handshake()
+    big = 1 << 20
+    r.send_option(OPT_GO, length=big)
+    try:
+        r.s.sendall(b"\x00" * big)
+        opt, t, _ = r.recv_option_reply()
+        check(t & REP_ERR, "oversized option accepted: reply %#x" % t)
+        eq(r.go("r"), REP_ACK, "GO after an oversized option")
+        r.disconnect()
+    except (EOFError, ConnectionResetError, BrokenPipeError):
+        pass  # dropping the client is allowed
+    r = d.raw()
+    r.handshake()
+    r.send_option(OPT_LIST, length=0xFFFFFFFF)   # claims 4 GiB, sends nothing more
+    r.s.settimeout(5)
+    try:
+        opt, t, _ = r.recv_option_reply()
+        check(t & REP_ERR, "4 GiB option: reply %#x" % t)
+    except (EOFError, ConnectionResetError, socket.timeout):
+        pass
+    r.close()
+    alive(d)
+
+
+@case("many requests in flight, pipelined; replies match handles")
+def t_pipeline(d):
+    setup(d, "r", "4M")
+    r = connect_raw_go(d, "r", structured=True)
+    for i in range(64):
+        r.request(CMD_WRITE, 1000 + i, i * 4096, 4096, data=bytes([i]) * 4096)
+    seen = set()
+    while len(seen) < 64:
+        rep = r.recv_reply()
+        eq(rep.error, 0, "write %d" % rep.handle)
+        if rep.done:
+            seen.add(rep.handle)
+    eq(seen, set(range(1000, 1064)), "handles")
+    for i in range(64):
+        err, data, _ = r.cmd(CMD_READ, 5000 + i, i * 4096, 4096)
+        eq(data, bytes([i]) * 4096, "block %d" % i)
+    r.disconnect()
+
+
+@case("NBD_CMD_BLOCK_STATUS with base:allocation via SET_META_CONTEXT")
+def t_block_status(d):
+    setup(d, "r", "4M")
+    r = d.raw()
+    r.handshake()
+    t, _ = r.option(OPT_STRUCTURED_REPLY)
+    eq(t, REP_ACK, "STRUCTURED_REPLY")
+    r.structured = True
+    q = b"base:allocation"
+    t, replies = r.option(OPT_SET_META_CONTEXT,
+                          struct.pack(">I", 1) + b"r" + struct.pack(">I", 1) + struct.pack(">I", len(q)) + q)
+    eq(t, REP_ACK, "SET_META_CONTEXT")
+    ctx = [x for x in replies if x[0] == REP_META_CONTEXT]
+    eq(len(ctx), 1, "one META_CONTEXT reply")
+    ctx_id = struct.unpack(">I", ctx[0][1][:4])[0]
+    eq(ctx[0][1][4:], q, "context name")
+    eq(r.go("r"), REP_ACK, "GO")
+    err, _, _ = r.cmd(CMD_WRITE, 1, MiB, 4096, data=b"d" * 4096)
+    eq(err, 0, "write")
+    err, _, chunks = r.cmd(CMD_BLOCK_STATUS, 2, 0, 4 * MiB)
+    eq(err, 0, "block status")
+    bs = [c for c in chunks if c.type == REPLY_TYPE_BLOCK_STATUS]
+    eq(len(bs), 1, "block status chunks")
+    eq(struct.unpack(">I", bs[0].payload[:4])[0], ctx_id, "context id")
+    ents = [struct.unpack(">II", bs[0].payload[i:i + 8]) for i in range(4, len(bs[0].payload), 8)]
+    pos, found_data = 0, False
+    for ln, fl in ents:
+        if pos <= MiB < pos + ln:
+            eq(fl & 1, 0, "extent at 1 MiB is data")
+            found_data = True
+        pos += ln
+    check(found_data or pos <= MiB, "extents %r" % ents)
+    eq(ents[0][1] & 1, 1, "first extent is a hole")
+    r.disconnect()
+
+
+if __name__ == "__main__":
+    main()
