@@ -30,6 +30,10 @@ struct vdb_disk_config {
   bool readonly;
   bool export;                   /* visible as an NBD export */
   char attach[16];               /* "auto", "loop", "none" */
+  /* Set by the frontend at attach (e.g. a ublk device id) and persisted, so
+   * that the frontend can take its device back after a daemon restart.
+   * Empty when there is nothing to recover. */
+  char fe_state[128];
 };
 
 struct vdb_disk_stats {

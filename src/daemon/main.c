@@ -333,6 +333,7 @@ static int start(void)
     vdb_err("%s", vdb_get_error());
     return r;
   }
+  vdb_frontends_cleanup_unclaimed();
   vdb_bus_on_change = on_bus_change;
   vdb_state_save();
   if ((r = vdb_control_listen(main_loop, sock)) < 0) {

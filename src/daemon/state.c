@@ -33,10 +33,13 @@ static json_t *state_disk_json(struct vdb_disk *d)
   for (int i = 0; i < d->cfg.params.n; i++)
     if (strcmp(d->cfg.params.key[i], "create") != 0) /* never re-create at restart */
       json_object_set_new(params, d->cfg.params.key[i], json_string(d->cfg.params.val[i]));
-  return json_pack("{s:s, s:s, s:o, s:b, s:i, s:s, s:b}", "name", d->name,
-                   "backend", d->cfg.backend, "params", params, "readonly", d->cfg.readonly,
-                   "block_size", (int)d->cfg.block_size, "attach", d->cfg.attach,
-                   "export", d->cfg.export);
+  json_t *o = json_pack("{s:s, s:s, s:o, s:b, s:i, s:s, s:b}", "name", d->name,
+                        "backend", d->cfg.backend, "params", params, "readonly", d->cfg.readonly,
+                        "block_size", (int)d->cfg.block_size, "attach", d->cfg.attach,
+                        "export", d->cfg.export);
+  if (o && d->cfg.fe_state[0])
+    json_object_set_new(o, "frontend_state", json_string(d->cfg.fe_state));
+  return o;
 }
 
 static int state_write_file(const char *tmp, const char *text)
@@ -101,9 +104,17 @@ static void state_restore_one(json_t *entry, size_t index)
   json_t *copy = json_deep_copy(entry);
   int r;
 
-  /* The saved form is the same as a plug request's arguments. */
+  /* The saved form is a plug request's arguments plus what the frontend
+   * needs to take its device back. */
+  const char *fes = json_string_value(json_object_get(copy, "frontend_state"));
+  char fe_state[sizeof cfg.fe_state] = "";
+  if (fes)
+    snprintf(fe_state, sizeof fe_state, "%s", fes);
+  json_object_del(copy, "frontend_state");
   r = vdb_control_parse_plug(copy, &cfg);
   json_decref(copy);
+  if (r == 0)
+    memcpy(cfg.fe_state, fe_state, sizeof fe_state);
   if (r == 0) {
     r = vdb_bus_plug(&cfg, NULL);
     vdb_params_clear(&cfg.params);

@@ -14,7 +14,10 @@ struct vdb_frontend_ops {
    * 0, or -ENODEV/-EPERM… with vdb_set_error() saying why. */
   int (*probe)(void);
   /* Required.  Attach d; fill device ("/dev/loop3").  Returns only when the
-   * device exists.  0 and *priv, or -errno with vdb_set_error(). */
+   * device exists.  0 and *priv, or -errno with vdb_set_error().
+   * d->cfg.fe_state holds what this frontend saved at an earlier attach (a
+   * daemon restart): recover that device if it still exists.  Set
+   * d->cfg.fe_state to what a later start needs to recover (persisted). */
   int (*attach)(struct vdb_disk *d, void **priv, char *device, size_t devlen);
   /* Required.  1 if the device is mounted or held open by someone, 0 if
    * not, -errno if unknown. */
@@ -25,6 +28,11 @@ struct vdb_frontend_ops {
   /* Optional.  At daemon start: remove stale devices and mounts of our own
    * (after a kill -9), found under run_dir. */
   void (*cleanup_stale)(const char *run_dir);
+  /* Optional.  At daemon start, after the saved disks were plugged back:
+   * remove devices of ours that no restored disk recovered. */
+  void (*cleanup_unclaimed)(void);
+  /* Optional.  One line for `vdbus info` (queues, features…). */
+  void (*describe)(struct vdb_disk *d, void *priv, char *buf, size_t len);
 };
 
 extern const struct vdb_frontend_ops vdb_frontend_loop;
@@ -33,5 +41,6 @@ extern const struct vdb_frontend_ops vdb_frontend_loop;
  * (NULL, 0 = none available).  -ENOENT for an unknown name. */
 int vdb_frontend_find(const char *name, const struct vdb_frontend_ops **out);
 void vdb_frontends_cleanup_stale(const char *run_dir);
+void vdb_frontends_cleanup_unclaimed(void);
 
 #endif

@@ -52,3 +52,12 @@ void vdb_frontends_cleanup_stale(const char *run_dir)
     if (frontends[i]->cleanup_stale)
       frontends[i]->cleanup_stale(run_dir);
 }
+
+/* After the saved bus state was restored: let each frontend remove what no
+ * restored disk took back.  Control thread. */
+void vdb_frontends_cleanup_unclaimed(void)
+{
+  for (size_t i = 0; i < NR_FRONTENDS; i++)
+    if (frontends[i]->cleanup_unclaimed)
+      frontends[i]->cleanup_unclaimed();
+}
