@@ -171,7 +171,8 @@ def t_extended(d):
     err, _, _ = r.cmd(CMD_FLUSH, 8)
     check(err in (0, NBD_EINVAL), "flush: %d" % err)
     # a simple request magic after extended headers is a protocol error
-    r.send(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, 9, 0, 512))
+    # (28 bytes plus 4 so that the server has a whole 32-byte header to look at)
+    r.send(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, 9, 0, 512) + bytes(4))
     try:
         reps = r.recv_all_chunks()
         check(any(c.error for c in reps), "a compact request accepted after extended headers")
