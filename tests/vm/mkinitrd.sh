@@ -42,15 +42,15 @@ done
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf etc/
 
 # Modules and what they depend on, decompressed (busybox insmod takes .ko).
-mods="ublk_drv nbd loop ext4 crc32c_generic"
+mods="ublk_drv nbd loop fuse ext4 crc32c_generic"
 for m in $mods; do
   for dep in $(modinfo -b "$kroot" -k "$kver" -F depends "$m" 2>/dev/null | tr ',' ' ') $m; do
     f=$(modinfo -b "$kroot" -k "$kver" -F filename "$dep" 2>/dev/null) || continue
-    case "$f" in (builtin*|"") continue;; esac
+    case "$f" in (*builtin*|"") continue;; esac
     # dependencies of dependencies
     for dd in $(modinfo -b "$kroot" -k "$kver" -F depends "$dep" | tr ',' ' '); do
       g=$(modinfo -b "$kroot" -k "$kver" -F filename "$dd" 2>/dev/null) || continue
-      case "$g" in (builtin*|"") continue;; esac
+      case "$g" in (*builtin*|"") continue;; esac
       [ -e "modules/$dd.ko" ] || xz -dc "$kroot/${g#/}" > "modules/$dd.ko" 2>/dev/null || xz -dc "$g" > "modules/$dd.ko"
       echo "$dd" >> modules/order
     done
