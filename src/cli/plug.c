@@ -101,8 +101,12 @@ static void plug_option(struct plug_req *p, int argc, char **argv, int *i)
     json_object_set_new(p->args, "block_size", json_integer(atoi(v)));
   } else if (strcmp(a, "--attach") == 0) {
     const char *v = opt_value(argc, argv, i);
-    if (strcmp(v, "auto") != 0 && strcmp(v, "loop") != 0 && strcmp(v, "none") != 0)
-      cli_die("plug", "bad attach mode '%s': use auto, loop or none", v);
+    static const char *const modes[] = { "auto", "ublk", "nbd-kernel", "loop", "none" };
+    bool ok = false;
+    for (size_t m = 0; m < sizeof modes / sizeof modes[0]; m++)
+      ok |= strcmp(v, modes[m]) == 0;
+    if (!ok)
+      cli_die("plug", "bad attach mode '%s': use auto, ublk, nbd-kernel, loop or none", v);
     json_object_set_new(p->args, "attach", json_string(v));
   } else if (strcmp(a, "--param") == 0) {
     plug_param_kv(p, opt_value(argc, argv, i));
