@@ -139,6 +139,13 @@ struct nbd_conn {
   uint64_t cached;              /* bytes of buffers kept on the free list */
 
   struct nbd_conn *next, *prev; /* global list, under nbd_lock */
+
+  /* A connection made by vdb_nbd_serve_socket (a local kernel client): not
+   * on the global list, not counted against max_connections, not kicked by
+   * vdb_nbd_shutdown; on_closed(closed_arg) runs when it is destroyed. */
+  bool local;
+  void (*on_closed)(void *arg);
+  void *closed_arg;
 };
 
 #define NBD_MAX_INBYTES   (64u << 20)     /* data in flight before we stop reading */

@@ -265,6 +265,12 @@ static void conn_destroy(struct nbd_conn *c)
   nbd_hs_release(&c->hs);
   nbd_obuf_free(&c->hsout);
   vdb_dbg(VDB_DBG_NBD, "%s: closed", c->peer);
+  if (c->local) {
+    if (c->on_closed)
+      c->on_closed(c->closed_arg);
+    nbd_conn_unref(c);
+    return;
+  }
 
   pthread_mutex_lock(&nbd_lock);
   if (c->prev)
@@ -504,6 +510,82 @@ static void conn_start(void *arg)
   if (vdb_nbd_settings.handshake_timeout_ms)
     vdb_timer_start(c->loop, &c->hs_timer, vdb_nbd_settings.handshake_timeout_ms);
   nbd_conn_flush(c);
+}
+
+/* conn_start for vdb_nbd_serve_socket: straight into transmission. */
+static void conn_start_local(void *arg)
+{
+  struct nbd_conn *c = arg;
+
+  c->watch.fd = c->fd;
+  c->watch.events = EPOLLIN;
+  c->events = EPOLLIN;
+  c->watch.cb = conn_on_event;
+  c->watch.arg = c;
+  c->hs_timer.cb = hs_timeout;
+  c->hs_timer.arg = c;
+  if (vdb_loop_watch(c->loop, &c->watch) < 0) {
+    vdb_warn("%s: cannot watch connection", c->peer);
+    close(c->fd);
+    c->state = NBD_CONN_DEAD;
+    nbd_hs_release(&c->hs);
+    if (c->on_closed)
+      c->on_closed(c->closed_arg);
+    nbd_conn_unref(c);
+    return;
+  }
+  nbd_conn_enter_transmission(c);
+  nbd_conn_flush(c);
+}
+
+uint16_t vdb_nbd_tflags(const struct vdb_disk *d)
+{
+  return nbd_tflags(d, false);
+}
+
+int vdb_nbd_serve_socket(struct vdb_disk *d, int fd, const char *label,
+                         void (*on_closed)(void *arg), void *arg)
+{
+  struct vdb_loop *loop = vdb_workers_count() > 0 ? vdb_worker_pick() : listen_loop;
+  struct nbd_conn *c;
+  int fl = fcntl(fd, F_GETFL);
+
+  if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0 ||
+      fcntl(fd, F_SETFD, FD_CLOEXEC) < 0) {
+    int e = errno;
+    close(fd);
+    return -e;
+  }
+  if (!loop) {
+    close(fd);
+    return -ENODEV;
+  }
+  c = calloc(1, sizeof *c);
+  if (c)
+    c->rbuf = malloc(NBD_RBUF_SIZE);
+  if (!c || !c->rbuf) {
+    if (c)
+      free(c);
+    close(fd);
+    return -ENOMEM;
+  }
+  c->fd = fd;
+  c->loop = loop;
+  c->refs = 1;
+  c->outq_tail = &c->outq;
+  c->local = true;
+  c->on_closed = on_closed;
+  c->closed_arg = arg;
+  c->got_cflags = true;
+  c->hs.structured = false;
+  c->hs.tflags = nbd_tflags(d, false);
+  vdb_disk_get(d);
+  c->hs.disk = d;
+  snprintf(c->peer, sizeof c->peer, "%s", label);
+  vdb_dbg(VDB_DBG_NBD, "%s: local connection to %s", c->peer, d->name);
+  while (vdb_loop_post(loop, conn_start_local, c) < 0)
+    nanosleep(&(struct timespec){ 0, 1000000 }, NULL);
+  return 0;
 }
 
 static void peer_name(int fd, bool is_unix, char *buf, size_t len)
