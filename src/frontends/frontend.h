@@ -36,6 +36,7 @@ struct vdb_frontend_ops {
 };
 
 extern const struct vdb_frontend_ops vdb_frontend_loop;
+extern const struct vdb_frontend_ops vdb_frontend_ublk;
 extern const struct vdb_frontend_ops vdb_frontend_nbd_kernel;
 
 /* Find a frontend by name, or for "auto" the first whose probe succeeds

@@ -10,6 +10,7 @@
 #include "frontends/frontend.h"
 
 static const struct vdb_frontend_ops *const frontends[] = {
+  &vdb_frontend_ublk,
   &vdb_frontend_nbd_kernel,
   &vdb_frontend_loop,
 };
