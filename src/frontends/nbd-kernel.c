@@ -312,9 +312,11 @@ static int nk_make_sockets(struct nk_dev *nk, int *kfd, unsigned n)
       nk_close_fds(kfd, i);
       return r;
     }
-    /* Room for a few large requests in each direction (best effort). */
-    setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
-    setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
+    /* Room for a few large requests in each direction, beyond wmem_max
+     * (we are root; best effort). */
+    for (int j = 0; j < 2; j++)
+      if (setsockopt(sv[j], SOL_SOCKET, SO_SNDBUFFORCE, &buf, sizeof buf) < 0)
+        setsockopt(sv[j], SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
     kfd[i] = sv[0];
     snprintf(label, sizeof label, "nbd-kernel:%s/%u", nk->d->name, i);
     pthread_mutex_lock(&nk->lock);
