@@ -110,6 +110,7 @@ struct ub_queue {
   unsigned owned;               /* tags being served; queue thread only */
   bool stopping;                /* queue thread only */
   bool stopped;                 /* ring gone, loop told to stop */
+  bool in_cb;                   /* in ub_on_ring/ub_on_done: they submit */
 
   pthread_mutex_t lock;         /* start rendezvous */
   pthread_cond_t cond;
@@ -336,9 +337,14 @@ static void ub_io_commit(struct ub_queue *q, struct ub_io *io)
   ub_queue_cmd(q, io, UBLK_U_IO_COMMIT_AND_FETCH_REQ);
 }
 
+static void ub_queue_submit(struct ub_queue *q);
+static void ub_queue_maybe_exit(struct ub_queue *q);
+
 /* req->done: any thread.  On the queue thread the commit is queued at
- * once; elsewhere io goes on the remote list and the first to add to an
- * empty list wakes the queue. */
+ * once (and submitted at once unless one of our callbacks, which submit on
+ * return, is running: a backend completing from the loop's own ring);
+ * elsewhere io goes on the remote list and the first to add to an empty
+ * list wakes the queue. */
 static void ub_req_done(struct vdb_req *req, int err)
 {
   struct ub_io *io = req->opaque;
@@ -348,6 +354,10 @@ static void ub_req_done(struct vdb_req *req, int err)
   io->result = ub_result(req, err);
   if (vdb_loop_current() == q->loop) {
     ub_io_commit(q, io);
+    if (!q->in_cb) {
+      ub_queue_submit(q);
+      ub_queue_maybe_exit(q);
+    }
     return;
   }
   head = atomic_load_explicit(&q->remote, memory_order_relaxed);
@@ -488,8 +498,10 @@ static void ub_on_ring(struct vdb_watch *w, uint32_t revents)
   ssize_t n = read(w->fd, &v, sizeof v);
 
   (void)n;
+  q->in_cb = true;
   ub_queue_reap(q);
   ub_queue_take_remote(q);
+  q->in_cb = false;
   ub_queue_submit(q);
   ub_queue_maybe_exit(q);
 }
@@ -501,7 +513,9 @@ static void ub_on_done(struct vdb_watch *w, uint32_t revents)
   ssize_t n = read(w->fd, &v, sizeof v);
 
   (void)n;
+  q->in_cb = true;
   ub_queue_take_remote(q);
+  q->in_cb = false;
   ub_queue_submit(q);
   ub_queue_maybe_exit(q);
 }
