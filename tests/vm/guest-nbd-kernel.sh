@@ -120,6 +120,7 @@ if $V plug file /var/tmp/k.img --create --size 128M --name k --attach nbd-kernel
    dev=$(devof k) && printf 'label: gpt\n,\n' | sfdisk -q "$dev" >/dev/null 2>&1 &&
    blockdev --rereadpt "$dev" && wait_for "${dev}p1" 50 && mkfs.ext4 -q "${dev}p1" &&
    mount "${dev}p1" /mnt/a; then
+  $V plug ram --size 16M --name rr --attach nbd-kernel >/dev/null; rrdev=$(devof rr)
   fio --name=crash --filename=/mnt/a/data --ioengine=psync --direct=1 --rw=write --bs=64k \
       --size=32M --rate=2m --verify=crc32c --do_verify=1 --verify_fatal=1 \
       --output=/tmp/fio-crash.txt >/dev/null 2>&1 &
@@ -134,6 +135,13 @@ if $V plug file /var/tmp/k.img --create --size 128M --name k --attach nbd-kernel
   else
     fail "after kill -9 the restarted daemon takes $dev back"; $V list; show_log
   fi
+  # A RAM disk comes back empty: a new device; the old one is disconnected.
+  if [ -n "$rrdev" ] && [ "$(devof rr)" != "$rrdev" ] && gone_for "/sys/block/${rrdev#/dev/}/backend" 50; then
+    pass "after kill -9 a RAM disk gets a new device; the unclaimed old one is disconnected"
+  else
+    fail "unclaimed device $rrdev after the restart (rr is now $(devof rr))"; show_log
+  fi
+  $V unplug rr >/dev/null
   # The writer goes on once the kernel retries what was lost (request timeout).
   for _ in $(seq 180); do kill -0 $FIO 2>/dev/null || break; sleep 1; done
   if kill -0 $FIO 2>/dev/null; then
