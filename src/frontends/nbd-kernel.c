@@ -12,12 +12,18 @@
  * identifier "vdbus:<run_dir>:<disk>" (/sys/block/nbdN/backend), so that
  * cleanup_unclaimed can disconnect those no restored disk took back.
  *
+ * Healing: when the kernel gives up on a connection while the disk stays
+ * attached (a request outlived the request timeout: the kernel shuts that
+ * socket down and holds requests back for a reconnect), a heal thread hands
+ * it a fresh socket pair with NBD_CMD_RECONFIGURE.
+ *
  * Threads: probe/attach/busy/detach/cleanup run on the control thread and
  * may block.  The connections live on worker loops; their end is reported
- * through nk_conn_closed (any worker thread).
+ * through nk_conn_closed (any worker thread), which may start a detached
+ * heal thread.
  *
- * Locks: nk->lock protects nk->live; it is a leaf lock.  nk_list is only
- * touched on the control thread. */
+ * Locks: nk->lock protects live, healing, attached and detaching; it is a
+ * leaf lock.  nk_list is only touched on the control thread. */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -53,6 +59,7 @@
 #define NK_REMOVE_WAIT_MS 2000      /* for the kernel to remove the device */
 #define NK_RECONF_TRIES 20          /* RECONFIGURE while the kernel has not seen the old sockets die */
 #define NK_ID_PREFIX "vdbus:"
+#define NK_TIMEOUT_ENV "VDBUS_NBD_KERNEL_TIMEOUT" /* tests: request timeout in s */
 
 /* One attached disk.  Freed when detach is done and the last connection
  * has reported its end (refs). */
@@ -67,6 +74,10 @@ struct nk_dev {
   pthread_mutex_t lock;      /* live */
   pthread_cond_t cond;
   unsigned live;             /* our connections not yet closed */
+  unsigned healing;          /* heal threads running */
+  bool attached;             /* attach is done: lost connections are healed */
+  bool detaching;            /* detach has begun: no more healing */
+  unsigned timeout_s;        /* request timeout given to the kernel */
   struct nk_dev *next;       /* nk_list */
 };
 
@@ -274,15 +285,24 @@ static int nk_nl_disconnect(struct nk_nl *nl, int index)
 
 /* ---- our ends of the connections ---- */
 
-/* A connection served for nk ended (worker thread). */
+static void nk_heal_start(struct nk_dev *nk);
+
+/* A connection served for nk ended (worker thread).  If the disk is still
+ * attached, the kernel dropped it: start healing. */
 static void nk_conn_closed(void *arg)
 {
   struct nk_dev *nk = arg;
+  bool heal;
 
   pthread_mutex_lock(&nk->lock);
   nk->live--;
+  heal = nk->attached && !nk->detaching;
+  if (heal)
+    nk->healing++;
   pthread_cond_broadcast(&nk->cond);
   pthread_mutex_unlock(&nk->lock);
+  if (heal)
+    nk_heal_start(nk);
   nk_put(nk);
 }
 
@@ -356,7 +376,58 @@ static bool nk_wait_closed(struct nk_dev *nk, unsigned ms)
   return idle;
 }
 
-/* ---- connect / recover ---- */
+/* ---- connect / recover / heal ---- */
+
+static int nk_reconfigure(struct nk_dev *nk, struct nk_nl *nl, int index, unsigned nconns);
+
+static void nk_heal_done(struct nk_dev *nk)
+{
+  pthread_mutex_lock(&nk->lock);
+  nk->healing--;
+  pthread_cond_broadcast(&nk->cond);
+  pthread_mutex_unlock(&nk->lock);
+  nk_put(nk);
+}
+
+/* Heal thread: give the kernel one fresh connection in place of the one
+ * it dropped.  Holds a reference to nk and counts in nk->healing. */
+static void *nk_heal_thread(void *arg)
+{
+  struct nk_dev *nk = arg;
+  struct nk_nl nl = { 0 };
+  int r = nk_nl_open(&nl);
+
+  if (r == 0)
+    r = nk_reconfigure(nk, &nl, nk->index, 1);
+  nk_nl_close(&nl);
+  if (r < 0)
+    vdb_warn("%s: /dev/nbd%d lost a connection and cannot get a new one: %s", nk->d->name,
+             nk->index, strerror(-r));
+  else
+    vdb_info("%s: /dev/nbd%d lost a connection (request timeout?): reconnected", nk->d->name,
+             nk->index);
+  nk_heal_done(nk);
+  return NULL;
+}
+
+/* Start a heal thread (nk->healing already counts it). */
+static void nk_heal_start(struct nk_dev *nk)
+{
+  pthread_attr_t attr;
+  pthread_t t;
+  int r;
+
+  atomic_fetch_add(&nk->refs, 1);
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  r = pthread_create(&t, &attr, nk_heal_thread, nk);
+  pthread_attr_destroy(&attr);
+  if (r != 0) {
+    vdb_warn("%s: cannot start a thread to reconnect /dev/nbd%d: %s", nk->d->name, nk->index,
+             strerror(r));
+    nk_heal_done(nk);
+  }
+}
 
 static unsigned nk_conn_count(const struct vdb_disk *d)
 {
@@ -386,7 +457,7 @@ static int nk_connect(struct nk_dev *nk, struct nk_nl *nl)
   if (nla_put_u64(msg, NBD_ATTR_SIZE_BYTES, d->size) < 0 ||
       nla_put_u64(msg, NBD_ATTR_BLOCK_SIZE_BYTES, d->block_size) < 0 ||
       nla_put_u64(msg, NBD_ATTR_SERVER_FLAGS, vdb_nbd_tflags(d)) < 0 ||
-      nla_put_u64(msg, NBD_ATTR_TIMEOUT, NK_TIMEOUT_S) < 0 ||
+      nla_put_u64(msg, NBD_ATTR_TIMEOUT, nk->timeout_s) < 0 ||
       nla_put_u64(msg, NBD_ATTR_DEAD_CONN_TIMEOUT, NK_DEAD_CONN_TIMEOUT_S) < 0 ||
       nla_put_u64(msg, NBD_ATTR_CLIENT_FLAGS, NBD_CFLAG_DESTROY_ON_DISCONNECT) < 0 ||
       nla_put_string(msg, NBD_ATTR_BACKEND_IDENTIFIER, id) < 0) {
@@ -446,9 +517,9 @@ static bool nk_can_recover(const struct vdb_disk *d, int index)
   return nk_sysfs_size(index) == (long long)d->size;
 }
 
-/* Give nbd<index>, left by a daemon that died, nconns fresh connections
- * (NBD_CMD_RECONFIGURE).  The kernel takes them only in place of sockets it
- * has seen die, so retry for a short while.  0 or -errno. */
+/* Give nbd<index> nconns fresh connections (NBD_CMD_RECONFIGURE).  The
+ * kernel takes them only in place of sockets it has seen die, so retry for
+ * a short while.  0 or -errno.  Any thread. */
 static int nk_reconfigure(struct nk_dev *nk, struct nk_nl *nl, int index, unsigned nconns)
 {
   char id[sizeof vdb_bus_settings.run_dir + VDB_NAME_MAX + 16];
@@ -463,7 +534,7 @@ static int nk_reconfigure(struct nk_dev *nk, struct nk_nl *nl, int index, unsign
     if (!msg)
       return -ENOMEM;
     if (nla_put_u32(msg, NBD_ATTR_INDEX, (uint32_t)index) < 0 ||
-        nla_put_u64(msg, NBD_ATTR_TIMEOUT, NK_TIMEOUT_S) < 0 ||
+        nla_put_u64(msg, NBD_ATTR_TIMEOUT, nk->timeout_s) < 0 ||
         nla_put_u64(msg, NBD_ATTR_DEAD_CONN_TIMEOUT, NK_DEAD_CONN_TIMEOUT_S) < 0 ||
         nla_put_string(msg, NBD_ATTR_BACKEND_IDENTIFIER, id) < 0) {
       nlmsg_free(msg);
@@ -481,12 +552,7 @@ static int nk_reconfigure(struct nk_dev *nk, struct nk_nl *nl, int index, unsign
       r = nk_nl_call(nl, msg, NULL);
     nk_close_fds(kfd, nconns);
   }
-  if (r < 0)
-    return r;
-  nk->index = index;
-  nk->nconns = nconns;
-  nk->recovered = true;
-  return 0;
+  return r;
 }
 
 /* Wait until /dev/nbdN exists and has d's size; fill dev and rdev.  0 or
@@ -549,6 +615,9 @@ static int nk_attach(struct vdb_disk *d, void **priv, char *device, size_t devle
   nk->d = d;
   nk->index = -1;
   nk->refs = 1;
+  nk->timeout_s = NK_TIMEOUT_S;
+  if (getenv(NK_TIMEOUT_ENV) && atoi(getenv(NK_TIMEOUT_ENV)) > 0)
+    nk->timeout_s = (unsigned)atoi(getenv(NK_TIMEOUT_ENV));
   pthread_mutex_init(&nk->lock, NULL);
   pthread_cond_init(&nk->cond, NULL);
   r = nk_nl_open(&nl);
@@ -558,7 +627,11 @@ static int nk_attach(struct vdb_disk *d, void **priv, char *device, size_t devle
   }
   if (nk_parse_state(d->cfg.fe_state, &old, &old_n) && nk_can_recover(d, old)) {
     r = nk_reconfigure(nk, &nl, old, old_n);
-    if (r < 0)
+    if (r == 0) {
+      nk->index = old;
+      nk->nconns = old_n;
+      nk->recovered = true;
+    } else
       vdb_warn("%s: cannot take back /dev/nbd%d: %s; connecting a new device", d->name, old,
                strerror(-r));
   }
@@ -572,6 +645,9 @@ static int nk_attach(struct vdb_disk *d, void **priv, char *device, size_t devle
   snprintf(device, devlen, "%s", nk->dev);
   nk->next = nk_list;
   nk_list = nk;
+  pthread_mutex_lock(&nk->lock);
+  nk->attached = true;
+  pthread_mutex_unlock(&nk->lock);
   vdb_info("%s: %s %s (%u connection%s)", d->name, nk->recovered ? "took back" : "attached as",
            nk->dev, nk->nconns, nk->nconns == 1 ? "" : "s");
   *priv = nk;
@@ -639,6 +715,11 @@ static void nk_detach(struct vdb_disk *d, void *priv)
   if (!nk)
     return;
   nk_list_remove(nk);
+  pthread_mutex_lock(&nk->lock);
+  nk->detaching = true;
+  while (nk->healing > 0)
+    pthread_cond_wait(&nk->cond, &nk->lock);
+  pthread_mutex_unlock(&nk->lock);
   if (nk->index >= 0) {
     struct nk_nl nl = { 0 };
     int r = nk_nl_open(&nl);
@@ -670,7 +751,7 @@ static void nk_describe(struct vdb_disk *d, void *priv, char *buf, size_t len)
     return;
   }
   snprintf(buf, len, "nbd index %d, %u connection%s, timeout %d s%s", nk->index, nk->nconns,
-           nk->nconns == 1 ? "" : "s", NK_TIMEOUT_S, nk->recovered ? ", recovered" : "");
+           nk->nconns == 1 ? "" : "s", nk->timeout_s, nk->recovered ? ", recovered" : "");
 }
 
 static bool nk_claimed(int index)

@@ -163,6 +163,37 @@ else
   fail "set up a mounted file disk for the crash test"; show_log
 fi
 
+# ---- a connection the kernel gave up on (request timeout) is healed ----
+# Restart the daemon with a 5 s request timeout, stop it for longer than
+# that during a write: the kernel drops the socket, the daemon gives it a
+# new one (NBD_CMD_RECONFIGURE) and the requeued write completes.
+kill $DPID; wait $DPID 2>/dev/null
+export VDBUS_NBD_KERNEL_TIMEOUT=5
+start_daemon || { fail "vdbusd restarts"; show_log; }
+unset VDBUS_NBD_KERNEL_TIMEOUT
+if $V plug file /var/tmp/h.img --create --size 32M --name h --attach nbd-kernel >/dev/null; then
+  dev=$(devof h)
+  dd if=/dev/urandom of=/tmp/h.data bs=1M count=4 2>/dev/null
+  kill -STOP $DPID
+  dd if=/tmp/h.data of="$dev" bs=1M oflag=direct conv=fsync 2>/dev/null &
+  DD=$!
+  sleep 9
+  kill -CONT $DPID
+  for _ in $(seq 90); do kill -0 $DD 2>/dev/null || break; sleep 1; done
+  if ! kill -0 $DD 2>/dev/null && wait $DD &&
+     [ "$(dd if="$dev" bs=1M count=4 iflag=direct 2>/dev/null | sha256sum)" = "$(sha256sum < /tmp/h.data)" ] &&
+     grep -q "reconnected" $LOG; then
+    pass "a connection dropped at the request timeout is healed; the write completes"
+  else
+    kill -9 $DD 2>/dev/null
+    fail "healing a connection dropped at the request timeout"; show_log
+  fi
+  $V unplug h >/dev/null
+  rm -f /var/tmp/h.img
+else
+  fail "plug a disk for the heal test"; show_log
+fi
+
 # ---- benchmark: nbd-kernel against loop, both RAM disks ----
 bench() { # frontend device
   for job in "4k-randread randread 4k 32" "4k-randwrite randwrite 4k 32" "1M-seqread read 1M 8"; do
