@@ -273,14 +273,27 @@ static int ub_get_info(int id, struct ublksrv_ctrl_dev_info *info)
   return ub_ctrl(UBLK_U_CMD_GET_DEV_INFO, (uint32_t)id, info, sizeof *info, 0);
 }
 
-/* STOP_DEV (unless never started) then DEL_DEV.  Logs failures. */
+/* Delete device id without waiting for its last user: a filesystem still
+ * mounted after a forced unplug holds the disk, and DEL_DEV would wait for
+ * its unmount.  Falls back to DEL_DEV on kernels without the async form.
+ * 0 or -errno. */
+static int ub_del(int id)
+{
+  int r = ub_ctrl(UBLK_U_CMD_DEL_DEV_ASYNC, (uint32_t)id, NULL, 0, 0);
+
+  if (r == -EINVAL || r == -EOPNOTSUPP)
+    r = ub_ctrl(UBLK_U_CMD_DEL_DEV, (uint32_t)id, NULL, 0, 0);
+  return r;
+}
+
+/* STOP_DEV (unless never started) then delete.  Logs failures. */
 static void ub_delete(int id, bool stop, const char *who)
 {
   int r;
 
   if (stop && (r = ub_ctrl(UBLK_U_CMD_STOP_DEV, (uint32_t)id, NULL, 0, 0)) < 0)
     vdb_warn("%s: ublk STOP_DEV %d: %s", who, id, strerror(-r));
-  if ((r = ub_ctrl(UBLK_U_CMD_DEL_DEV, (uint32_t)id, NULL, 0, 0)) < 0)
+  if ((r = ub_del(id)) < 0)
     vdb_warn("%s: ublk DEL_DEV %d: %s", who, id, strerror(-r));
 }
 
@@ -1041,7 +1054,7 @@ static void ub_detach(struct vdb_disk *d, void *priv)
     /* A device never started must be stopped too if recovery began. */
     if (!u->started && u->recovered)
       ub_ctrl(UBLK_U_CMD_STOP_DEV, (uint32_t)u->dev_id, NULL, 0, 0);
-    if ((r = ub_ctrl(UBLK_U_CMD_DEL_DEV, (uint32_t)u->dev_id, NULL, 0, 0)) < 0)
+    if ((r = ub_del(u->dev_id)) < 0)
       vdb_warn("%s: ublk DEL_DEV %d: %s", d->name, u->dev_id, strerror(-r));
     ub_claim(u->dev_id, false);
   }
