@@ -42,7 +42,7 @@ int vdb_frontend_find(const char *name, const struct vdb_frontend_ops **out)
       *out = frontends[i];
       return 0;
     }
-  vdb_set_error("unknown attach frontend '%s' (known: auto, none, loop)", name);
+  vdb_set_error("unknown attach frontend '%s' (known: auto, ublk, nbd-kernel, loop, none)", name);
   return -ENOENT;
 }
 
