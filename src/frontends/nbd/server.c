@@ -245,6 +245,28 @@ void nbd_conn_kill(struct nbd_conn *c)
   nbd_conn_close(c);
 }
 
+/* The last step of a connection's life: take it off the global list (or
+ * tell a local connection's owner) and drop the loop's reference. */
+static void conn_forget(struct nbd_conn *c)
+{
+  if (c->local) {
+    if (c->on_closed)
+      c->on_closed(c->closed_arg);
+  } else {
+    pthread_mutex_lock(&nbd_lock);
+    if (c->prev)
+      c->prev->next = c->next;
+    else
+      conns = c->next;
+    if (c->next)
+      c->next->prev = c->prev;
+    nconns--;
+    pthread_cond_broadcast(&nbd_cond);
+    pthread_mutex_unlock(&nbd_lock);
+  }
+  nbd_conn_unref(c);
+}
+
 /* Remove everything; called on c's loop with nothing in flight. */
 static void conn_destroy(struct nbd_conn *c)
 {
@@ -265,24 +287,7 @@ static void conn_destroy(struct nbd_conn *c)
   nbd_hs_release(&c->hs);
   nbd_obuf_free(&c->hsout);
   vdb_dbg(VDB_DBG_NBD, "%s: closed", c->peer);
-  if (c->local) {
-    if (c->on_closed)
-      c->on_closed(c->closed_arg);
-    nbd_conn_unref(c);
-    return;
-  }
-
-  pthread_mutex_lock(&nbd_lock);
-  if (c->prev)
-    c->prev->next = c->next;
-  else
-    conns = c->next;
-  if (c->next)
-    c->next->prev = c->prev;
-  nconns--;
-  pthread_cond_broadcast(&nbd_cond);
-  pthread_mutex_unlock(&nbd_lock);
-  nbd_conn_unref(c);
+  conn_forget(c);
 }
 
 /* Unplug or shutdown: finish what is in flight, then disconnect.  Requests
@@ -482,10 +487,10 @@ static void conn_on_event(struct vdb_watch *w, uint32_t revents)
 
 /* ---- accepting ---- */
 
-static void conn_start(void *arg)
+/* Watch c on its loop (which runs this).  On failure the connection is
+ * gone and -1 is returned. */
+static int conn_watch(struct nbd_conn *c)
 {
-  struct nbd_conn *c = arg;
-
   c->watch.fd = c->fd;
   c->watch.events = EPOLLIN;
   c->events = EPOLLIN;
@@ -493,49 +498,101 @@ static void conn_start(void *arg)
   c->watch.arg = c;
   c->hs_timer.cb = hs_timeout;
   c->hs_timer.arg = c;
+  if (vdb_loop_watch(c->loop, &c->watch) == 0)
+    return 0;
+  vdb_warn("%s: cannot watch connection", c->peer);
+  close(c->fd);
+  c->state = NBD_CONN_DEAD;
+  nbd_hs_release(&c->hs);
+  conn_forget(c);
+  return -1;
+}
+
+/* A network client: greeting, handshake deadline. */
+static void conn_start(void *arg)
+{
+  struct nbd_conn *c = arg;
+
   nbd_hs_greeting(&c->hsout);
-  if (vdb_loop_watch(c->loop, &c->watch) < 0) {
-    vdb_warn("%s: cannot watch connection", c->peer);
-    close(c->fd);
-    c->state = NBD_CONN_DEAD;
-    pthread_mutex_lock(&nbd_lock);
-    if (c->prev) c->prev->next = c->next; else conns = c->next;
-    if (c->next) c->next->prev = c->prev;
-    nconns--;
-    pthread_cond_broadcast(&nbd_cond);
-    pthread_mutex_unlock(&nbd_lock);
-    nbd_conn_unref(c);
+  if (conn_watch(c) < 0)
     return;
-  }
   if (vdb_nbd_settings.handshake_timeout_ms)
     vdb_timer_start(c->loop, &c->hs_timer, vdb_nbd_settings.handshake_timeout_ms);
   nbd_conn_flush(c);
 }
 
-/* conn_start for vdb_nbd_serve_socket: straight into transmission. */
+/* vdb_nbd_serve_socket: straight into transmission. */
 static void conn_start_local(void *arg)
 {
   struct nbd_conn *c = arg;
 
-  c->watch.fd = c->fd;
-  c->watch.events = EPOLLIN;
-  c->events = EPOLLIN;
-  c->watch.cb = conn_on_event;
-  c->watch.arg = c;
-  c->hs_timer.cb = hs_timeout;
-  c->hs_timer.arg = c;
-  if (vdb_loop_watch(c->loop, &c->watch) < 0) {
-    vdb_warn("%s: cannot watch connection", c->peer);
-    close(c->fd);
-    c->state = NBD_CONN_DEAD;
-    nbd_hs_release(&c->hs);
-    if (c->on_closed)
-      c->on_closed(c->closed_arg);
-    nbd_conn_unref(c);
+  if (conn_watch(c) < 0)
     return;
-  }
   nbd_conn_enter_transmission(c);
   nbd_conn_flush(c);
+}
+
+/* A new connection object for fd, on a worker loop; NULL if out of memory. */
+static struct nbd_conn *conn_new(int fd)
+{
+  struct nbd_conn *c = calloc(1, sizeof *c);
+
+  if (c && !(c->rbuf = malloc(NBD_RBUF_SIZE))) {
+    free(c);
+    c = NULL;
+  }
+  if (!c)
+    return NULL;
+  c->fd = fd;
+  c->loop = vdb_workers_count() > 0 ? vdb_worker_pick() : listen_loop;
+  c->refs = 1;
+  c->outq_tail = &c->outq;
+  return c;
+}
+
+static void conn_post(struct nbd_conn *c, void (*start)(void *arg))
+{
+  while (vdb_loop_post(c->loop, start, c) < 0)
+    nanosleep(&(struct timespec){ 0, 1000000 }, NULL);
+}
+
+static void peer_name(int fd, bool is_unix, char *buf, size_t len);
+
+static void accept_one(struct nbd_listener *l, int fd)
+{
+  struct nbd_conn *c;
+  int one = 1;
+
+  pthread_mutex_lock(&nbd_lock);
+  if (nconns >= vdb_nbd_settings.max_connections) {
+    uint64_t now = vdb_now_ns();
+    pthread_mutex_unlock(&nbd_lock);
+    if (now - refused_log_ns > 1000000000ull) {
+      vdb_warn("NBD: connection limit (%u) reached: refusing new clients",
+               vdb_nbd_settings.max_connections);
+      refused_log_ns = now;
+    }
+    close(fd);
+    return;
+  }
+  if (!(c = conn_new(fd))) {
+    pthread_mutex_unlock(&nbd_lock);
+    close(fd);
+    vdb_warn("NBD: out of memory accepting a client");
+    return;
+  }
+  c->next = conns;
+  if (conns)
+    conns->prev = c;
+  conns = c;
+  nconns++;
+  pthread_mutex_unlock(&nbd_lock);
+
+  if (!l->is_unix)
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  peer_name(fd, l->is_unix, c->peer, sizeof c->peer);
+  vdb_dbg(VDB_DBG_NBD, "%s: connected", c->peer);
+  conn_post(c, conn_start);
 }
 
 uint16_t vdb_nbd_tflags(const struct vdb_disk *d)
@@ -546,7 +603,6 @@ uint16_t vdb_nbd_tflags(const struct vdb_disk *d)
 int vdb_nbd_serve_socket(struct vdb_disk *d, int fd, const char *label,
                          void (*on_closed)(void *arg), void *arg)
 {
-  struct vdb_loop *loop = vdb_workers_count() > 0 ? vdb_worker_pick() : listen_loop;
   struct nbd_conn *c;
   int fl = fcntl(fd, F_GETFL);
 
@@ -556,23 +612,14 @@ int vdb_nbd_serve_socket(struct vdb_disk *d, int fd, const char *label,
     close(fd);
     return -e;
   }
-  if (!loop) {
+  if (vdb_workers_count() == 0 && !listen_loop) {
     close(fd);
     return -ENODEV;
   }
-  c = calloc(1, sizeof *c);
-  if (c)
-    c->rbuf = malloc(NBD_RBUF_SIZE);
-  if (!c || !c->rbuf) {
-    if (c)
-      free(c);
+  if (!(c = conn_new(fd))) {
     close(fd);
     return -ENOMEM;
   }
-  c->fd = fd;
-  c->loop = loop;
-  c->refs = 1;
-  c->outq_tail = &c->outq;
   c->local = true;
   c->on_closed = on_closed;
   c->closed_arg = arg;
@@ -583,8 +630,7 @@ int vdb_nbd_serve_socket(struct vdb_disk *d, int fd, const char *label,
   c->hs.disk = d;
   snprintf(c->peer, sizeof c->peer, "%s", label);
   vdb_dbg(VDB_DBG_NBD, "%s: local connection to %s", c->peer, d->name);
-  while (vdb_loop_post(loop, conn_start_local, c) < 0)
-    nanosleep(&(struct timespec){ 0, 1000000 }, NULL);
+  conn_post(c, conn_start_local);
   return 0;
 }
 
@@ -607,55 +653,6 @@ static void peer_name(int fd, bool is_unix, char *buf, size_t len)
     getnameinfo((struct sockaddr *)&ss, sl, host, sizeof host, port, sizeof port,
                 NI_NUMERICHOST | NI_NUMERICSERV);
   snprintf(buf, len, "%s:%s", host, port);
-}
-
-static void accept_one(struct nbd_listener *l, int fd)
-{
-  struct nbd_conn *c;
-  struct vdb_loop *loop;
-  int one = 1;
-
-  pthread_mutex_lock(&nbd_lock);
-  if (nconns >= vdb_nbd_settings.max_connections) {
-    uint64_t now = vdb_now_ns();
-    pthread_mutex_unlock(&nbd_lock);
-    if (now - refused_log_ns > 1000000000ull) {
-      vdb_warn("NBD: connection limit (%u) reached: refusing new clients",
-               vdb_nbd_settings.max_connections);
-      refused_log_ns = now;
-    }
-    close(fd);
-    return;
-  }
-  c = calloc(1, sizeof *c);
-  if (c)
-    c->rbuf = malloc(NBD_RBUF_SIZE);
-  if (!c || !c->rbuf) {
-    pthread_mutex_unlock(&nbd_lock);
-    if (c)
-      free(c);
-    close(fd);
-    vdb_warn("NBD: out of memory accepting a client");
-    return;
-  }
-  loop = vdb_workers_count() > 0 ? vdb_worker_pick() : listen_loop;
-  c->fd = fd;
-  c->loop = loop;
-  c->refs = 1;
-  c->outq_tail = &c->outq;
-  c->next = conns;
-  if (conns)
-    conns->prev = c;
-  conns = c;
-  nconns++;
-  pthread_mutex_unlock(&nbd_lock);
-
-  if (!l->is_unix)
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  peer_name(fd, l->is_unix, c->peer, sizeof c->peer);
-  vdb_dbg(VDB_DBG_NBD, "%s: connected", c->peer);
-  while (vdb_loop_post(loop, conn_start, c) < 0)
-    nanosleep(&(struct timespec){ 0, 1000000 }, NULL);
 }
 
 static void listener_retry(struct vdb_timer *t)
