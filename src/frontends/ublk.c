@@ -65,6 +65,7 @@
 #define UB_MAX_ZEROES (32u << 20)     /* bytes per write-zeroes */
 #define UB_NODE_WAIT_MS 5000          /* for /dev/ublkcN and /dev/ublkbN */
 #define UB_QUIESCE_WAIT_MS 5000       /* for a dead daemon's device to quiesce */
+#define UB_BUSY_ROUNDS 16             /* reap/submit rounds per wake-up */
 #define UB_MAGIC 0x76646275ull        /* "vdbu", in ublksrv_flags' high half */
 #define UB_MAX_CLAIMED 256
 /* The flags we use when the kernel offers them. */
@@ -168,6 +169,24 @@ static uint64_t ub_owner_mark(void)
   for (const char *s = vdb_bus_settings.state_dir; *s; s++)
     h = (h ^ (uint8_t)*s) * 16777619u;
   return (UB_MAGIC << 32) | h;
+}
+
+/* Is the process that served a device still there (not a zombie)? */
+static bool ub_pid_alive(pid_t pid)
+{
+  char path[64], buf[256], *p;
+  FILE *f;
+  bool alive;
+
+  if (pid <= 0 || kill(pid, 0) < 0)
+    return false;
+  snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+  if (!(f = fopen(path, "re")))
+    return true;
+  alive = fgets(buf, sizeof buf, f) && (p = strrchr(buf, ')')) && p[1] && p[2] != 'Z' &&
+          p[2] != 'X';
+  fclose(f);
+  return alive;
 }
 
 static void ub_claim(int id, bool on)
@@ -472,16 +491,18 @@ static void ub_queue_take_remote(struct ub_queue *q)
 
 /* Reap the queue's uring: each CQE is a tag with a new request (0), or a
  * command the driver gave back (UBLK_IO_RES_ABORT: the device is going
- * away).  Then submit the commits queued meanwhile. */
-static void ub_queue_reap(struct ub_queue *q)
+ * away).  Returns how many CQEs there were. */
+static unsigned ub_queue_reap(struct ub_queue *q)
 {
   struct io_uring_cqe *cqe;
+  unsigned n = 0;
 
   while (q->ring_ok && io_uring_peek_cqe(&q->ring, &cqe) == 0) {
     uint64_t tag = cqe->user_data;
     int res = cqe->res;
 
     io_uring_cqe_seen(&q->ring, cqe);
+    n++;
     if (tag >= q->u->depth)
       continue;
     if (res == UBLK_IO_RES_OK) {
@@ -493,6 +514,7 @@ static void ub_queue_reap(struct ub_queue *q)
               (unsigned)tag, strerror(res < 0 ? -res : EIO));
     q->ios[tag].dead = true;
   }
+  return n;
 }
 
 static void ub_queue_submit(struct ub_queue *q)
@@ -512,8 +534,15 @@ static void ub_on_ring(struct vdb_watch *w, uint32_t revents)
 
   (void)n;
   q->in_cb = true;
-  ub_queue_reap(q);
-  ub_queue_take_remote(q);
+  /* While requests keep coming, submit the commits and collect the next
+   * requests in one system call instead of going back to epoll. */
+  for (unsigned round = 0; round < UB_BUSY_ROUNDS; round++) {
+    unsigned got = ub_queue_reap(q);
+    ub_queue_take_remote(q);
+    if (!q->ring_ok || (got == 0 && round > 0))
+      break;
+    io_uring_submit_and_get_events(&q->ring);
+  }
   q->in_cb = false;
   ub_queue_submit(q);
   ub_queue_maybe_exit(q);
@@ -868,8 +897,7 @@ static int ub_check_saved(struct ublk_fe *u, int id, struct ublksrv_ctrl_dev_inf
     return 0;
   }
   for (unsigned ms = 0; info->state == UBLK_S_DEV_LIVE && ms < UB_QUIESCE_WAIT_MS; ms += 20) {
-    if (info->ublksrv_pid > 0 && kill(info->ublksrv_pid, 0) == 0 &&
-        info->ublksrv_pid != getpid()) {
+    if (info->ublksrv_pid != getpid() && ub_pid_alive(info->ublksrv_pid)) {
       vdb_warn("%s: ublk device %d is served by live process %d", u->d->name, id,
                info->ublksrv_pid);
       return 0;
@@ -1051,9 +1079,6 @@ static void ub_detach(struct vdb_disk *d, void *priv)
   if (u->cdev_fd >= 0)
     close(u->cdev_fd);
   if (u->added) {
-    /* A device never started must be stopped too if recovery began. */
-    if (!u->started && u->recovered)
-      ub_ctrl(UBLK_U_CMD_STOP_DEV, (uint32_t)u->dev_id, NULL, 0, 0);
     if ((r = ub_del(u->dev_id)) < 0)
       vdb_warn("%s: ublk DEL_DEV %d: %s", d->name, u->dev_id, strerror(-r));
     ub_claim(u->dev_id, false);
@@ -1119,8 +1144,7 @@ static void ub_cleanup_unclaimed(void)
       continue;
     if (ub_get_info(id, &info) < 0 || info.ublksrv_flags != ub_owner_mark())
       continue;
-    if (info.state == UBLK_S_DEV_LIVE && info.ublksrv_pid > 0 &&
-        kill(info.ublksrv_pid, 0) == 0)
+    if (info.state == UBLK_S_DEV_LIVE && ub_pid_alive(info.ublksrv_pid))
       continue;
     vdb_info("deleting unclaimed ublk device %d (state %u)", id, (unsigned)info.state);
     ub_delete(id, info.state != UBLK_S_DEV_DEAD, "cleanup");
