@@ -194,31 +194,6 @@ else
   fail "plug a disk for the heal test"; show_log
 fi
 
-# ---- benchmark: nbd-kernel against loop, both RAM disks ----
-bench() { # frontend device
-  for job in "4k-randread randread 4k 32" "4k-randwrite randwrite 4k 32" "1M-seqread read 1M 8"; do
-    set -- "$1" "$2" $job
-    line=$(fio --name=b --filename="$2" --ioengine=io_uring --direct=1 --rw="$4" --bs="$5" \
-             --iodepth="$6" --runtime=5 --time_based --size=192M --minimal 2>/dev/null)
-    case $4 in
-      randwrite) iops=$(echo "$line" | cut -d';' -f49) ;;
-      *) iops=$(echo "$line" | cut -d';' -f8) ;;
-    esac
-    [ -n "$iops" ] || { fail "bench $1 $3"; continue; }
-    if [ "$4" = read ]; then
-      echo "# BENCH $1 $3 MiB/s $((iops))"
-    else
-      echo "# BENCH $1 $3 IOPS $iops"
-    fi
-  done
-}
-if $V plug ram --size 256M --name bn --attach nbd-kernel >/dev/null &&
-   $V plug ram --size 256M --name bl --attach loop >/dev/null; then
-  bench nbd-kernel "$(devof bn)"
-  bench loop "$(devof bl)"
-  pass "benchmark ran"
-else
-  fail "plug the benchmark disks"; show_log
-fi
+# (measurements: tests/vm/guest-bench.sh)
 $V unplug --all >/dev/null
 kill $DPID 2>/dev/null; wait $DPID 2>/dev/null

@@ -1,8 +1,8 @@
 # Guest: the ublk frontend.  Filesystems on GPT and MBR partitions of ublk
 # disks (RAM and file), data intact across unplug and re-plug, fio verify on
 # the raw device, busy/forced unplug, recovery of a disk after the daemon is
-# killed with SIGKILL in the middle of writes, and a small benchmark against
-# the loop frontend ("# BENCH" lines, not results).
+# killed with SIGKILL in the middle of writes.  Measurements are in
+# guest-bench.sh.
 R=/run/vdbus V="vdbus --socket /run/vdbus/vdbus.sock" LOG=/tmp/vdbusd.log
 failed=0
 pass() { echo "PASS $1"; }
@@ -159,30 +159,7 @@ else
 fi
 rm -f /var/tmp/rec.img /tmp/src
 
-# ---- benchmark: ublk vs loop (over FUSE), RAM disks, fio io_uring direct
-bench() { # frontend
-  $V plug ram --size 256M --name bench --attach "$1" >/dev/null || return 1
-  dev=$(devof bench)
-  fio --name=fill --filename="$dev" --ioengine=io_uring --direct=1 --rw=write --bs=1M \
-      --iodepth=8 --size=128M --minimal >/dev/null 2>&1
-  for spec in "4k-randread randread 4k" "4k-randwrite randwrite 4k" "1M-seqread read 1M"; do
-    set -- "$1" $spec
-    out=$(fio --name=b --filename="$dev" --ioengine=io_uring --direct=1 --rw="$3" --bs="$4" \
-              --iodepth=32 --size=128M --time_based --runtime=5 --minimal 2>/dev/null)
-    case $3 in
-      randwrite) iops=$(echo "$out" | awk -F';' '{print $49}'); bw=$(echo "$out" | awk -F';' '{print $48}') ;;
-      *) iops=$(echo "$out" | awk -F';' '{print $8}'); bw=$(echo "$out" | awk -F';' '{print $7}') ;;
-    esac
-    if [ "$4" = 1M ]; then
-      echo "# BENCH $1 $2 MiB/s $((bw / 1024))"
-    else
-      echo "# BENCH $1 $2 IOPS $iops"
-    fi
-  done
-  $V unplug bench >/dev/null
-}
-bench ublk || echo "# BENCH ublk: plug failed"
-bench loop || echo "# BENCH loop: plug failed"
+# (measurements: tests/vm/guest-bench.sh)
 
 $V unplug --all >/dev/null 2>&1
 kill "$(pidof vdbusd)" 2>/dev/null
