@@ -1,8 +1,7 @@
 # Guest: the nbd-kernel frontend.  Disks attached as /dev/nbdN (kernel NBD
 # over socket pairs served by vdbusd): partitions, ext4, persistence of a
 # file disk across unplug/plug, fio verification, refusal to unplug a
-# mounted disk, recovery after a kill -9 of the daemon (NBD_CMD_RECONFIGURE),
-# and a small benchmark against the loop frontend.
+# mounted disk, recovery after a kill -9 of the daemon (NBD_CMD_RECONFIGURE).
 R=/run/vdbus V="vdbus --socket $R/vdbus.sock"
 LOG=/tmp/vdbusd.log
 
