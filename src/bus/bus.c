@@ -14,7 +14,7 @@
 #include "common/log.h"
 #include "frontends/frontend.h"
 
-struct vdb_bus_settings vdb_bus_settings = { "/run/vdbus", "/var/lib/vdbus" };
+struct vdb_bus_settings vdb_bus_settings = { "/run/vdbus", "/var/lib/vdbus", 0 };
 void (*vdb_bus_on_change)(void);
 
 static pthread_mutex_t bus_lock = PTHREAD_MUTEX_INITIALIZER;

@@ -90,7 +90,11 @@ struct vdb_disk {
 struct vdb_bus_settings {
   char run_dir[256];
   char state_dir[256];
+  unsigned queues;    /* ublk queues / kernel NBD connections per device;
+                         0 = one per CPU, at most VDB_QUEUES_DEFAULT_MAX */
 };
+#define VDB_QUEUES_DEFAULT_MAX 4
+#define VDB_QUEUES_MAX 16
 extern struct vdb_bus_settings vdb_bus_settings;
 
 /* Plug a disk: open the backend, derive capabilities, attach locally as

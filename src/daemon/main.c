@@ -54,6 +54,8 @@ static void usage(FILE *f)
 "                        after S seconds (default 10)\n"
 "  --max-connections N   NBD connection limit (default 256)\n"
 "  --threads N           data-path worker threads (default: one per CPU)\n"
+"  --queues N            ublk queues / kernel NBD connections per device, 1-16\n"
+"                        (default: one per CPU, at most 4)\n"
 "  -f, --foreground      do not daemonize; log to stderr\n"
 "  --pid-file FILE       write the daemon's PID to FILE\n"
 "  -D, --debug LIST      debug categories: nbd,io,control,fuse,bus or all\n"
@@ -91,7 +93,7 @@ static void set_dir(char *dst, size_t len, const char *src)
 
 static void parse_args(int argc, char **argv)
 {
-  enum { O_STATE = 256, O_RUN, O_LISTEN, O_PID, O_HS, O_MAXC, O_THREADS };
+  enum { O_STATE = 256, O_RUN, O_LISTEN, O_PID, O_HS, O_MAXC, O_THREADS, O_QUEUES };
   static const struct option longopts[] = {
     { "state-dir", required_argument, NULL, O_STATE },
     { "run-dir", required_argument, NULL, O_RUN },
@@ -100,6 +102,7 @@ static void parse_args(int argc, char **argv)
     { "handshake-timeout", required_argument, NULL, O_HS },
     { "max-connections", required_argument, NULL, O_MAXC },
     { "threads", required_argument, NULL, O_THREADS },
+    { "queues", required_argument, NULL, O_QUEUES },
     { "foreground", no_argument, NULL, 'f' },
     { "debug", required_argument, NULL, 'D' },
     { "verbose", no_argument, NULL, 'v' },
@@ -135,6 +138,11 @@ static void parse_args(int argc, char **argv)
       if (parse_uint(optarg, 1000000, &u) < 0 || u == 0)
         die_usage("--max-connections takes a number from 1 to 1000000, not '%s'", optarg);
       vdb_nbd_settings.max_connections = u;
+      break;
+    case O_QUEUES:
+      if (parse_uint(optarg, VDB_QUEUES_MAX, &u) < 0 || u == 0)
+        die_usage("--queues takes a number from 1 to 16, not '%s'", optarg);
+      vdb_bus_settings.queues = u;
       break;
     case O_THREADS:
       if (parse_uint(optarg, 256, &u) < 0 || u == 0)

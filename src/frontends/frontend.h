@@ -44,5 +44,8 @@ extern const struct vdb_frontend_ops vdb_frontend_nbd_kernel;
 int vdb_frontend_find(const char *name, const struct vdb_frontend_ops **out);
 void vdb_frontends_cleanup_stale(const char *run_dir);
 void vdb_frontends_cleanup_unclaimed(void);
+/* Queues (ublk) or connections (kernel NBD) per device: --queues, or one
+ * per CPU up to VDB_QUEUES_DEFAULT_MAX. */
+unsigned vdb_frontend_queues(void);
 
 #endif

@@ -51,7 +51,7 @@
 #include "frontends/frontend.h"
 #include "frontends/nbd/nbd-server.h"
 
-#define NK_MAX_CONNS 4              /* connections (kernel queues) per device */
+#define NK_MAX_CONNS VDB_QUEUES_MAX /* connections (kernel queues) per device */
 #define NK_TIMEOUT_S 30             /* request timeout: then requeue on another socket */
 #define NK_DEAD_CONN_TIMEOUT_S 120  /* how long the kernel waits for a reconnect */
 #define NK_SIZE_WAIT_MS 5000        /* for /sys/block/nbdN/size and /dev/nbdN */
@@ -431,11 +431,9 @@ static void nk_heal_start(struct nk_dev *nk)
 
 static unsigned nk_conn_count(const struct vdb_disk *d)
 {
-  long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-
-  if (!(vdb_nbd_tflags(d) & NBD_FLAG_CAN_MULTI_CONN) || ncpu < 1)
+  if (!(vdb_nbd_tflags(d) & NBD_FLAG_CAN_MULTI_CONN))
     return 1;
-  return ncpu > NK_MAX_CONNS ? NK_MAX_CONNS : (unsigned)ncpu;
+  return vdb_frontend_queues();
 }
 
 /* NBD_CMD_CONNECT a new device for nk->d.  0 (nk->index set) or -errno

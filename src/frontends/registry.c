@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <stddef.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/error.h"
 #include "common/log.h"
@@ -62,4 +63,15 @@ void vdb_frontends_cleanup_unclaimed(void)
   for (size_t i = 0; i < NR_FRONTENDS; i++)
     if (frontends[i]->cleanup_unclaimed)
       frontends[i]->cleanup_unclaimed();
+}
+
+unsigned vdb_frontend_queues(void)
+{
+  long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+
+  if (vdb_bus_settings.queues)
+    return vdb_bus_settings.queues;
+  if (ncpu < 1)
+    return 1;
+  return ncpu > VDB_QUEUES_DEFAULT_MAX ? VDB_QUEUES_DEFAULT_MAX : (unsigned)ncpu;
 }

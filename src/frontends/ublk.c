@@ -58,7 +58,6 @@
 #endif
 
 #define UB_CONTROL "/dev/ublk-control"
-#define UB_MAX_QUEUES 4               /* nr_hw_queues = min(ncpu, this) */
 #define UB_QUEUE_DEPTH 128
 #define UB_MAX_IO (512u << 10)        /* max_io_buf_bytes */
 #define UB_MAX_DISCARD (1u << 30)     /* bytes per discard */
@@ -840,11 +839,10 @@ static int ub_create(struct ublk_fe *u)
 {
   struct ublksrv_ctrl_dev_info info;
   struct ublk_params params;
-  long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
   int r;
 
   memset(&info, 0, sizeof info);
-  info.nr_hw_queues = (uint16_t)(ncpu < 1 ? 1 : ncpu > UB_MAX_QUEUES ? UB_MAX_QUEUES : ncpu);
+  info.nr_hw_queues = (uint16_t)vdb_frontend_queues();
   info.queue_depth = UB_QUEUE_DEPTH;
   info.max_io_buf_bytes = UB_MAX_IO;
   info.dev_id = UINT32_MAX;
