@@ -47,6 +47,12 @@ uint64_t vdb_now_ns(void)
   return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+void vdb_sleep_ms(unsigned ms)
+{
+  struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
+  nanosleep(&ts, NULL);
+}
+
 struct vdb_loop *vdb_loop_current(void) { return current_loop; }
 
 static void loop_run_calls(struct vdb_loop *loop)

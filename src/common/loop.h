@@ -71,6 +71,8 @@ void vdb_uring_set_op(struct io_uring_sqe *sqe, struct vdb_uring_op *op);
 /* The loop running on this thread, or NULL. */
 struct vdb_loop *vdb_loop_current(void);
 uint64_t vdb_now_ns(void);
+/* Sleep for ms milliseconds (blocking: control thread, never a loop). */
+void vdb_sleep_ms(unsigned ms);
 
 /* Worker loops: n threads each running a loop. */
 int vdb_workers_start(int n);

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "common/loop.h"
 #include "frontends/blkdev.h"
 
 static bool has_prefix(const char *s, const char *prefix)
@@ -106,6 +107,19 @@ static bool has_holders(dev_t rdev)
       any = true;
   closedir(dir);
   return any;
+}
+
+int vdb_blkdev_wait_gone(const char *path, unsigned max_ms, unsigned busy_after_ms,
+                         const char *devpath, dev_t rdev)
+{
+  for (unsigned ms = 0; ms < max_ms; ms += 10) {
+    if (access(path, F_OK) < 0)
+      return 0;
+    if (ms == busy_after_ms && vdb_blkdev_busy(devpath, rdev) == 1)
+      return 1;
+    vdb_sleep_ms(10);
+  }
+  return -ETIMEDOUT;
 }
 
 int vdb_blkdev_busy(const char *devpath, dev_t rdev)

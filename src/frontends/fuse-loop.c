@@ -99,12 +99,6 @@ struct loop_fe {
 
 /* ---- helpers ---- */
 
-static void lf_sleep_ms(unsigned ms)
-{
-  struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
-  nanosleep(&ts, NULL);
-}
-
 static bool lf_has_prefix(const char *s, const char *prefix)
 {
   return strncmp(s, prefix, strlen(prefix)) == 0;
@@ -679,7 +673,7 @@ static int lf_loop_attach(struct loop_fe *lf)
     snprintf(lf->dev, sizeof lf->dev, "/dev/loop%d", nr);
     lf->loop_fd = open(lf->dev, (lf->d->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
     for (int i = 0; lf->loop_fd < 0 && errno == ENOENT && i < 100; i++) {
-      lf_sleep_ms(10); /* the device node may lag behind LOOP_CTL_GET_FREE */
+      vdb_sleep_ms(10); /* the device node may lag behind LOOP_CTL_GET_FREE */
       lf->loop_fd = open(lf->dev, (lf->d->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
     }
     if (lf->loop_fd < 0) {
@@ -764,13 +758,8 @@ static void lf_wait_released(struct loop_fe *lf)
   char path[96];
 
   snprintf(path, sizeof path, "/sys/block/loop%d/loop/backing_file", lf->loop_nr);
-  for (unsigned ms = 0; ms < LF_RELEASE_WAIT_MS; ms += 10) {
-    if (access(path, F_OK) < 0)
-      return;
-    if (ms == 200 && lf_busy(lf->d, lf) == 1)
-      break;
-    lf_sleep_ms(10);
-  }
+  if (vdb_blkdev_wait_gone(path, LF_RELEASE_WAIT_MS, 200, lf->dev, lf->rdev) == 0)
+    return;
   vdb_warn("%s: %s is still in use; its FUSE file is detached lazily", lf->d->name,
            lf->dev);
 }

@@ -85,12 +85,6 @@ static struct nk_dev *nk_list;   /* attached devices; control thread */
 
 /* ---- helpers ---- */
 
-static void nk_sleep_ms(unsigned ms)
-{
-  struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
-  nanosleep(&ts, NULL);
-}
-
 /* "vdbus:<run_dir>:<disk>": what /sys/block/nbdN/backend says for ours. */
 static void nk_identifier(const char *disk, char *buf, size_t len)
 {
@@ -528,7 +522,7 @@ static int nk_reconfigure(struct nk_dev *nk, struct nk_nl *nl, int index, unsign
     struct nl_msg *msg = nk_msg(nl, NBD_CMD_RECONFIGURE);
 
     if (tries > 0)
-      nk_sleep_ms(100);
+      vdb_sleep_ms(100);
     if (!msg)
       return -ENOMEM;
     if (nla_put_u32(msg, NBD_ATTR_INDEX, (uint32_t)index) < 0 ||
@@ -567,7 +561,7 @@ static int nk_wait_device(struct nk_dev *nk)
       nk->rdev = st.st_rdev;
       return 0;
     }
-    nk_sleep_ms(10);
+    vdb_sleep_ms(10);
   }
   vdb_set_error("%s did not come up with size %llu (size %lld)", nk->dev,
                 (unsigned long long)nk->d->size, size);
@@ -678,17 +672,16 @@ static int nk_busy(struct vdb_disk *d, void *priv)
 static void nk_wait_removed(struct nk_dev *nk)
 {
   char path[64];
+  int r;
 
   snprintf(path, sizeof path, "/sys/block/nbd%d", nk->index);
-  for (unsigned ms = 0; ms < NK_REMOVE_WAIT_MS; ms += 10) {
-    if (access(path, F_OK) < 0)
-      return;
-    if (ms == 100 && nk_busy(nk->d, nk) == 1) {
-      vdb_warn("%s: %s is still in use; the kernel removes it at its last close",
-               nk->d->name, nk->dev);
-      return;
-    }
-    nk_sleep_ms(10);
+  r = vdb_blkdev_wait_gone(path, NK_REMOVE_WAIT_MS, 100, nk->dev, nk->rdev);
+  if (r == 0)
+    return;
+  if (r == 1) {
+    vdb_warn("%s: %s is still in use; the kernel removes it at its last close",
+             nk->d->name, nk->dev);
+    return;
   }
   nk_reread_partitions(nk->dev);
 }

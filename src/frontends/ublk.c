@@ -62,19 +62,13 @@ static int nr_claimed;
 
 /* ---- helpers ---- */
 
-static void ub_sleep_ms(unsigned ms)
-{
-  struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
-  nanosleep(&ts, NULL);
-}
-
 /* Wait (bounded) until path exists: 0 or -ETIMEDOUT. */
 static int ub_wait_node(const char *path, unsigned ms)
 {
   for (unsigned t = 0; t <= ms; t += 10) {
     if (access(path, F_OK) == 0)
       return 0;
-    ub_sleep_ms(10);
+    vdb_sleep_ms(10);
   }
   return -ETIMEDOUT;
 }
@@ -404,7 +398,7 @@ static int ub_check_saved(struct ublk_fe *u, int id, struct ublksrv_ctrl_dev_inf
                info->ublksrv_pid);
       return 0;
     }
-    ub_sleep_ms(20);
+    vdb_sleep_ms(20);
     if ((r = ub_get_info(id, info)) < 0)
       return 0;
   }
