@@ -158,6 +158,10 @@ void nbd_conn_close(struct nbd_conn *c);   /* stop reading, drain, then destroy 
 void nbd_conn_kill(struct nbd_conn *c);    /* drop replies too */
 void nbd_conn_flush(struct nbd_conn *c);   /* send queued output, update events */
 void nbd_conn_enter_transmission(struct nbd_conn *c);
+/* Run fn(arg) on c's loop (retrying while the post queue is out of memory). */
+void nbd_conn_post(struct nbd_conn *c, void (*fn)(void *arg), void *arg);
+/* Drop up to c->discard bytes of buffered input; true when none is left. */
+bool nbd_conn_skip_input(struct nbd_conn *c);
 
 /* transmission.c */
 /* Parse complete requests in c->rbuf (and continue a pending payload).

@@ -306,11 +306,16 @@ static void conn_kick_on_loop(void *arg)
   nbd_conn_unref(c);
 }
 
+void nbd_conn_post(struct nbd_conn *c, void (*fn)(void *arg), void *arg)
+{
+  while (vdb_loop_post(c->loop, fn, arg) < 0)  /* -ENOMEM: retry shortly */
+    vdb_sleep_ms(1);
+}
+
 static void conn_post_kick(struct nbd_conn *c)
 {
   atomic_fetch_add(&c->refs, 1);
-  while (vdb_loop_post(c->loop, conn_kick_on_loop, c) < 0)
-    nanosleep(&(struct timespec){ 0, 1000000 }, NULL);
+  nbd_conn_post(c, conn_kick_on_loop, c);
 }
 
 static void conn_user_kick(struct vdb_disk_user *u)
@@ -352,6 +357,18 @@ void nbd_conn_enter_transmission(struct nbd_conn *c)
           c->hs.extended ? "extended" : c->hs.structured ? "structured" : "simple");
 }
 
+/* Drop up to c->discard bytes of buffered input (data of an option or
+ * request we refused).  True when all of it is gone. */
+bool nbd_conn_skip_input(struct nbd_conn *c)
+{
+  size_t avail = c->rend - c->rstart;
+  size_t n = avail < c->discard ? avail : (size_t)c->discard;
+
+  c->rstart += n;
+  c->discard -= n;
+  return c->discard == 0;
+}
+
 /* Parse the handshake bytes in rbuf. */
 static void hs_process(struct nbd_conn *c)
 {
@@ -363,10 +380,7 @@ static void hs_process(struct nbd_conn *c)
     int r;
 
     if (c->discard) {
-      size_t n = avail < c->discard ? avail : (size_t)c->discard;
-      c->rstart += n;
-      c->discard -= n;
-      if (c->discard)
+      if (!nbd_conn_skip_input(c))
         return;
       r = nbd_hs_option_too_big(&c->hs, c->discard_opt, &c->hsout);
       if (r == NBD_HS_CLOSE)
@@ -550,12 +564,6 @@ static struct nbd_conn *conn_new(int fd)
   return c;
 }
 
-static void conn_post(struct nbd_conn *c, void (*start)(void *arg))
-{
-  while (vdb_loop_post(c->loop, start, c) < 0)
-    nanosleep(&(struct timespec){ 0, 1000000 }, NULL);
-}
-
 static void peer_name(int fd, bool is_unix, char *buf, size_t len);
 
 static void accept_one(struct nbd_listener *l, int fd)
@@ -592,7 +600,7 @@ static void accept_one(struct nbd_listener *l, int fd)
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   peer_name(fd, l->is_unix, c->peer, sizeof c->peer);
   vdb_dbg(VDB_DBG_NBD, "%s: connected", c->peer);
-  conn_post(c, conn_start);
+  nbd_conn_post(c, conn_start, c);
 }
 
 uint16_t vdb_nbd_tflags(const struct vdb_disk *d)
@@ -630,7 +638,7 @@ int vdb_nbd_serve_socket(struct vdb_disk *d, int fd, const char *label,
   c->hs.disk = d;
   snprintf(c->peer, sizeof c->peer, "%s", label);
   vdb_dbg(VDB_DBG_NBD, "%s: local connection to %s", c->peer, d->name);
-  conn_post(c, conn_start_local);
+  nbd_conn_post(c, conn_start_local, c);
   return 0;
 }
 

@@ -262,8 +262,7 @@ static void tx_done(struct vdb_req *v, int err)
     return;
   }
   r->err = err;
-  while (vdb_loop_post(c->loop, tx_finish_posted, r) < 0)
-    ; /* -ENOMEM: the post queue node is tiny; retry */
+  nbd_conn_post(c, tx_finish_posted, r);
 }
 
 /* ---- requests ---- */
@@ -437,10 +436,7 @@ void nbd_tx_process(struct nbd_conn *c)
       continue;
     }
     if (c->discard) {
-      size_t n = avail < c->discard ? avail : (size_t)c->discard;
-      c->rstart += n;
-      c->discard -= n;
-      if (c->discard)
+      if (!nbd_conn_skip_input(c))
         return;
       continue;
     }
