@@ -29,7 +29,7 @@ struct vdb_disk_config {
   uint32_t block_size;           /* 512 or 4096 */
   bool readonly;
   bool export;                   /* visible as an NBD export */
-  char attach[16];               /* "auto", "loop", "none" */
+  char attach[16];               /* "auto", "ublk", "nbd-kernel", "loop", "none" */
   /* Set by the frontend at attach (e.g. a ublk device id) and persisted, so
    * that the frontend can take its device back after a daemon restart.
    * Empty when there is nothing to recover. */

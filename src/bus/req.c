@@ -157,16 +157,15 @@ int vdb_disk_flush_sync(struct vdb_disk *d)
   struct vdb_req req = { .type = VDB_REQ_FLUSH, .done = sync_done, .opaque = &w };
   struct sync_submit s = { d, &req };
   struct vdb_loop *cur = vdb_loop_current();
-  bool on_worker = false;
+  bool on_worker = false, posted = false;
 
   if (d->readonly)
     return 0;
   for (int i = 0; cur && i < vdb_workers_count(); i++)
     on_worker |= vdb_worker_get(i) == cur;
-  if (cur && !on_worker && vdb_workers_count() > 0 &&
-      vdb_loop_post(vdb_worker_pick(), sync_submit_on_worker, &s) == 0)
-    ;
-  else
+  if (cur && !on_worker && vdb_workers_count() > 0)
+    posted = vdb_loop_post(vdb_worker_pick(), sync_submit_on_worker, &s) == 0;
+  if (!posted)
     vdb_disk_submit(d, &req);
   pthread_mutex_lock(&w.lock);
   while (!w.done)

@@ -96,12 +96,12 @@ json_t *vdb_control_disk_json(struct vdb_disk *d, bool with_stats)
                            json_string(uri) : json_null(),
                 "export", d->export, "description", d->info.description,
                 "params", params);
-  if (with_stats && d->fe && d->fe->describe) {
-    char desc[256] = "";
-    d->fe->describe(d, d->fe_priv, desc, sizeof desc);
-    json_object_set_new(o, "frontend_info", json_string(desc));
-  }
   if (with_stats) {
+    if (d->fe && d->fe->describe) {
+      char desc[256] = "";
+      d->fe->describe(d, d->fe_priv, desc, sizeof desc);
+      json_object_set_new(o, "frontend_info", json_string(desc));
+    }
     json_object_set_new(o, "capabilities", disk_caps_json(d));
     json_object_set_new(o, "stats", disk_stats_json(d));
   }
