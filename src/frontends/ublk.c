@@ -293,6 +293,24 @@ static int ub_wait_disk(struct ublk_fe *u)
   return 0;
 }
 
+/* Open /dev/ublkcN, start every queue (each fetches all its tags), then
+ * tell the driver with op (START_DEV, END_USER_RECOVERY) that this daemon
+ * serves the device.  0 or -errno with vdb_set_error(). */
+static int ub_go_live(struct ublk_fe *u, uint32_t op, const char *what)
+{
+  int r;
+
+  if ((r = ub_open_cdev(u)) < 0 || (r = ub_start_queues(u)) < 0)
+    return r;
+  r = ub_ctrl(op, (uint32_t)u->dev_id, NULL, 0, (uint64_t)getpid());
+  if (r < 0) {
+    vdb_set_error("ublk %s on device %d: %s", what, u->dev_id, strerror(-r));
+    return r;
+  }
+  u->started = true;
+  return 0;
+}
+
 static unsigned ub_shift(uint32_t v)
 {
   unsigned s = 0;
@@ -364,14 +382,8 @@ static int ub_create(struct ublk_fe *u)
     vdb_set_error("ublk SET_PARAMS on device %d: %s", u->dev_id, strerror(-r));
     return r;
   }
-  if ((r = ub_open_cdev(u)) < 0 || (r = ub_start_queues(u)) < 0)
+  if ((r = ub_go_live(u, UBLK_U_CMD_START_DEV, "START_DEV")) < 0)
     return r;
-  r = ub_ctrl(UBLK_U_CMD_START_DEV, (uint32_t)u->dev_id, NULL, 0, (uint64_t)getpid());
-  if (r < 0) {
-    vdb_set_error("ublk START_DEV on device %d: %s", u->dev_id, strerror(-r));
-    return r;
-  }
-  u->started = true;
   return ub_wait_disk(u);
 }
 
@@ -430,14 +442,8 @@ static int ub_recover(struct ublk_fe *u, const struct ublksrv_ctrl_dev_info *inf
     return r;
   }
   u->added = true;
-  if ((r = ub_open_cdev(u)) < 0 || (r = ub_start_queues(u)) < 0)
+  if ((r = ub_go_live(u, UBLK_U_CMD_END_USER_RECOVERY, "END_USER_RECOVERY")) < 0)
     return r;
-  r = ub_ctrl(UBLK_U_CMD_END_USER_RECOVERY, (uint32_t)u->dev_id, NULL, 0, (uint64_t)getpid());
-  if (r < 0) {
-    vdb_set_error("ublk END_USER_RECOVERY on device %d: %s", u->dev_id, strerror(-r));
-    return r;
-  }
-  u->started = true;
   u->recovered = true;
   return ub_wait_disk(u);
 }
