@@ -108,6 +108,10 @@ struct vdb_backend_info {
   uint32_t pref_block;    /* preferred I/O size (default 4096) */
   uint32_t max_block;     /* largest request (default 32 MiB) */
   char description[128];  /* shown by `vdbus info` */
+  /* Appended in API version 1 (the bus zeroes the whole struct before open):
+   * this instance's data does not outlive the daemon (as
+   * VDB_BACKEND_VOLATILE, but decided at open, e.g. a RAM-backed overlay). */
+  bool volatile_data;
 };
 
 struct vdb_backend_ops {

@@ -16,6 +16,14 @@ static const struct { const char *opt, *key; } param_opts[] = {
   { "--error-errno", "error-errno" },
   { "--delay-read", "delay-read" }, { "--delay-write", "delay-write" },
   { "--delay-other", "delay-other" }, { "--trace-file", "trace-file" },
+  { "--connections", "connections" }, { "--timeout", "timeout" },
+  { "--base", "base" }, { "--store", "store" }, { "--chunk-size", "chunk-size" },
+};
+
+/* Backends that take a positional argument, and the parameter it becomes
+ * (paths are made absolute). */
+static const struct { const char *backend, *key; bool path; } positionals[] = {
+  { "file", "path", true }, { "nbd", "uri", false },
 };
 
 struct plug_req {
@@ -55,15 +63,34 @@ static json_t *abs_path(const char *arg)
   return json_string(abs);
 }
 
+/* --store file:PATH with PATH made absolute. */
+static json_t *store_path(const char *path)
+{
+  json_t *a = abs_path(path);
+  char *s;
+  json_t *r;
+
+  if (asprintf(&s, "file:%s", json_string_value(a)) < 0)
+    cli_die("plug", "out of memory");
+  json_decref(a);
+  r = json_string(s);
+  free(s);
+  return r;
+}
+
 static bool plug_param_opt(struct plug_req *p, int argc, char **argv, int *i)
 {
   for (size_t k = 0; k < sizeof param_opts / sizeof param_opts[0]; k++)
     if (strcmp(argv[*i], param_opts[k].opt) == 0) {
       const char *v = opt_value(argc, argv, i);
-      if (strcmp(param_opts[k].key, "size") == 0)
+      if (strcmp(param_opts[k].key, "size") == 0 || strcmp(param_opts[k].key, "chunk-size") == 0)
         check_size(v);
-      json_object_set_new(p->params, param_opts[k].key,
-                          strcmp(param_opts[k].key, "trace-file") == 0 ? abs_path(v) : json_string(v));
+      if (strcmp(param_opts[k].key, "trace-file") == 0)
+        json_object_set_new(p->params, param_opts[k].key, abs_path(v));
+      else if (strcmp(param_opts[k].key, "store") == 0 && strncmp(v, "file:", 5) == 0)
+        json_object_set_new(p->params, "store", store_path(v + 5));
+      else
+        json_object_set_new(p->params, param_opts[k].key, json_string(v));
       return true;
     }
   return false;
@@ -115,15 +142,28 @@ static void plug_option(struct plug_req *p, int argc, char **argv, int *i)
   }
 }
 
-/* The positional argument of a backend that takes one (file PATH). */
+/* The positional argument of a backend that takes one (file PATH, nbd URI). */
+static const char *positional_key(const char *backend, bool *path)
+{
+  for (size_t k = 0; k < sizeof positionals / sizeof positionals[0]; k++)
+    if (strcmp(positionals[k].backend, backend) == 0) {
+      *path = positionals[k].path;
+      return positionals[k].key;
+    }
+  return NULL;
+}
+
 static void plug_positional(struct plug_req *p, const char *backend, const char *arg)
 {
-  if (strcmp(backend, "file") != 0)
+  bool path = false;
+  const char *key = positional_key(backend, &path);
+
+  if (!key)
     cli_usage_error("plug %s: unexpected argument '%s'", backend, arg);
   if (p->positional)
-    cli_usage_error("plug file: only one PATH, not '%s' too", arg);
+    cli_usage_error("plug %s: only one %s, not '%s' too", backend, key, arg);
   p->positional = arg;
-  json_object_set_new(p->params, "path", abs_path(arg));
+  json_object_set_new(p->params, key, path ? abs_path(arg) : json_string(arg));
 }
 
 static void plug_print(json_t *d)
@@ -153,6 +193,8 @@ int cli_plug(int argc, char **argv)
   }
   if (strcmp(backend, "file") == 0 && !p.positional)
     cli_usage_error("plug file needs a PATH");
+  if (strcmp(backend, "nbd") == 0 && !p.positional)
+    cli_usage_error("plug nbd needs a URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)");
   json_object_set_new(p.args, "params", p.params);
   res = cli_call("plug", "plug", p.args);
   p.args = p.params = NULL;

@@ -69,7 +69,7 @@ int vdb_state_save(void)
   if (n < 0)
     return n;
   for (int i = 0; i < n; i++)
-    if (!(v[i]->ops->flags & VDB_BACKEND_VOLATILE))
+    if (!(v[i]->ops->flags & VDB_BACKEND_VOLATILE) && !v[i]->info.volatile_data)
       json_array_append_new(disks, state_disk_json(v[i]));
   vdb_bus_list_free(v, n);
   if (unrestored)
