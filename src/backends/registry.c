@@ -1,6 +1,7 @@
 /* vdbus — the table of in-tree backends (explicit, no constructor tricks). */
 #include <string.h>
 
+#include "backends/cow.h"
 #include "backends/registry.h"
 
 const struct vdb_backend_ops *const vdb_backends[] = {
@@ -9,6 +10,7 @@ const struct vdb_backend_ops *const vdb_backends[] = {
   &vdb_backend_error,
   &vdb_backend_delay,
   &vdb_backend_trace,
+  &vdb_backend_cow,
   NULL,
 };
 

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "backends/cow.h"
 #include "backends/registry.h"
 #include "bus/bus.h"
 #include "common/error.h"
@@ -104,6 +105,32 @@ void vdb_bus_list_free(struct vdb_disk **v, int n)
   free(v);
 }
 
+void vdb_disk_add_dependent(struct vdb_disk *d)
+{
+  atomic_fetch_add(&d->dependents, 1);
+}
+
+void vdb_disk_remove_dependent(struct vdb_disk *d)
+{
+  atomic_fetch_sub(&d->dependents, 1);
+}
+
+/* The names of the overlays of d, comma-separated, into buf.  Under no lock. */
+static void bus_dependent_names(struct vdb_disk *d, char *buf, size_t len)
+{
+  size_t n = 0;
+
+  buf[0] = '\0';
+  pthread_mutex_lock(&bus_lock);
+  for (struct vdb_disk *o = disks; o; o = o->next)
+    if (o->ops == &vdb_backend_cow && o->handle && vdb_cow_base(o->handle) == d && n < len) {
+      int k = snprintf(buf + n, len - n, "%s%s", n ? ", " : "", o->name);
+      if (k > 0)
+        n += (size_t)k;
+    }
+  pthread_mutex_unlock(&bus_lock);
+}
+
 int vdb_disk_add_user(struct vdb_disk *d, struct vdb_disk_user *u)
 {
   int r = 0;
@@ -174,7 +201,7 @@ static void disk_derive_caps(struct vdb_disk *d)
 {
   const struct vdb_backend_ops *ops = d->ops;
 
-  d->readonly = d->cfg.readonly || d->info.readonly || !ops->write;
+  d->readonly = d->cfg.readonly || d->cfg.snapshot || d->info.readonly || !ops->write;
   d->can_write = !d->readonly;
   d->can_flush = ops->flush != NULL && d->can_write;
   d->can_fua = d->can_flush;
@@ -186,9 +213,29 @@ static void disk_derive_caps(struct vdb_disk *d)
   d->can_multi_conn = d->info.can_multi_conn;
 }
 
+/* Open a backend instance with the bus's defaults in *info. */
+static int backend_open(const struct vdb_backend_ops *ops, const struct vdb_params *params,
+                        void **handle, struct vdb_backend_info *info)
+{
+  int r;
+
+  memset(info, 0, sizeof *info);
+  info->can_multi_conn = true;
+  info->min_block = 1;
+  info->pref_block = 4096;
+  info->max_block = 32u << 20;
+  vdb_clear_error();
+  r = ops->open(params, handle, info);
+  if (r < 0) {
+    *handle = NULL;
+    if (!vdb_get_error()[0])
+      vdb_set_error("%s backend: %s", ops->name, strerror(-r));
+  }
+  return r;
+}
+
 static int disk_open_backend(struct vdb_disk *d)
 {
-  struct vdb_backend_info *info = &d->info;
   int r;
 
   d->ops = vdb_backend_find(d->cfg.backend);
@@ -196,19 +243,10 @@ static int disk_open_backend(struct vdb_disk *d)
     vdb_set_error("unknown backend '%s'", d->cfg.backend);
     return -ENOENT;
   }
-  info->can_multi_conn = true;
-  info->min_block = 1;
-  info->pref_block = 4096;
-  info->max_block = 32u << 20;
-  vdb_clear_error();
-  r = d->ops->open(&d->cfg.params, &d->handle, info);
-  if (r < 0) {
-    d->handle = NULL;
-    if (!vdb_get_error()[0])
-      vdb_set_error("%s backend: %s", d->cfg.backend, strerror(-r));
+  r = backend_open(d->ops, &d->cfg.params, &d->handle, &d->info);
+  if (r < 0)
     return r;
-  }
-  d->size = info->size;
+  d->size = d->info.size;
   return 0;
 }
 
@@ -250,6 +288,7 @@ static int disk_create(const struct vdb_disk_config *cfg, struct vdb_disk **out)
   }
   pthread_mutex_init(&d->lock, NULL);
   pthread_cond_init(&d->cond, NULL);
+  d->paused_tail = &d->paused_head;
   d->refs = 1;
   *out = d;
   return 0;
@@ -263,6 +302,24 @@ static int plug_check_config(const struct vdb_disk_config *cfg)
   }
   if (cfg->name[0])
     return bus_check_name(cfg->name);
+  return 0;
+}
+
+/* Append d to the registry unless its name is taken (-EEXIST). */
+static int bus_register(struct vdb_disk *d)
+{
+  struct vdb_disk **pp = &disks;
+
+  pthread_mutex_lock(&bus_lock);
+  if (bus_find_locked(d->name)) {
+    pthread_mutex_unlock(&bus_lock);
+    vdb_set_error("a disk named '%s' is already plugged", d->name);
+    return -EEXIST;
+  }
+  while (*pp)
+    pp = &(*pp)->next;
+  *pp = d;
+  pthread_mutex_unlock(&bus_lock);
   return 0;
 }
 
@@ -298,14 +355,9 @@ int vdb_bus_plug(const struct vdb_disk_config *cfg, struct vdb_disk **out)
   if (r < 0)
     goto err;
 
-  pthread_mutex_lock(&bus_lock);
-  {
-    struct vdb_disk **pp = &disks;
-    while (*pp)
-      pp = &(*pp)->next;
-    *pp = d;
-  }
-  pthread_mutex_unlock(&bus_lock);
+  r = bus_register(d);
+  if (r < 0)
+    goto err;
   vdb_info("plugged %s: backend %s, %llu bytes%s%s%s", d->name, d->cfg.backend,
            (unsigned long long)d->size, d->readonly ? ", read-only" : "",
            d->device[0] ? ", device " : "", d->device);
@@ -406,6 +458,13 @@ int vdb_bus_unplug(const char *name, bool force)
     return -ENOENT;
   }
   pthread_mutex_unlock(&bus_lock);
+  if (atomic_load(&d->dependents) > 0) {
+    char names[256];
+    bus_dependent_names(d, names, sizeof names);
+    vdb_set_error("disk '%s' is the base of %s; unplug %s first", name,
+                  names[0] ? names : "an overlay", names[0] ? "them" : "it");
+    return -EBUSY;
+  }
   if (!force) {
     r = disk_check_busy(d);
     if (r < 0)
@@ -421,11 +480,254 @@ void vdb_bus_unplug_all(void)
   struct vdb_disk *d;
 
   for (;;) {
+    /* Overlays before their bases. */
     pthread_mutex_lock(&bus_lock);
-    d = disks;
+    for (d = disks; d && atomic_load(&d->dependents) > 0; d = d->next)
+      ;
+    if (!d)
+      d = disks;
     pthread_mutex_unlock(&bus_lock);
     if (!d)
       break;
     disk_unplug(d);
   }
+}
+
+/* ---- snapshot and commit ---- */
+
+#define BUS_PAUSE_MS 30000
+
+static int snapshot_check(struct vdb_disk *d, const struct vdb_disk_config *snap_cfg)
+{
+  struct vdb_disk *other;
+  int r;
+
+  if (d->cfg.snapshot) {
+    vdb_set_error("disk '%s' is a snapshot already (it never changes); clone it instead", d->name);
+    return -EINVAL;
+  }
+  if (atomic_load(&d->dependents) > 0) {
+    char names[256];
+    bus_dependent_names(d, names, sizeof names);
+    vdb_set_error("disk '%s' is the base of %s and cannot change: snapshot %s instead", d->name,
+                  names, names);
+    return -EBUSY;
+  }
+  r = bus_check_name(snap_cfg->name);
+  if (r < 0)
+    return r;
+  if (vdb_bus_get(snap_cfg->name, &other) == 0) {
+    vdb_disk_put(other);
+    vdb_set_error("a disk named '%s' is already plugged", snap_cfg->name);
+    return -EEXIST;
+  }
+  if (strcmp(snap_cfg->attach, "auto") != 0) {
+    const struct vdb_frontend_ops *fe;
+    r = vdb_frontend_find(snap_cfg->attach, &fe);
+    if (r == 0 && fe)
+      r = fe->probe();
+    if (r < 0)
+      return r;
+  }
+  return 0;
+}
+
+/* The snapshot disk: d's configuration, read-only, under its own name. */
+static int snapshot_create(struct vdb_disk *d, const struct vdb_disk_config *snap_cfg,
+                           struct vdb_disk **out)
+{
+  struct vdb_disk_config cfg = d->cfg;
+  struct vdb_disk *s;
+  int r;
+
+  snprintf(cfg.name, sizeof cfg.name, "%s", snap_cfg->name);
+  snprintf(cfg.attach, sizeof cfg.attach, "%s", snap_cfg->attach);
+  cfg.export = snap_cfg->export;
+  cfg.readonly = cfg.snapshot = true;
+  cfg.fe_state[0] = '\0';
+  r = disk_create(&cfg, &s);
+  if (r < 0)
+    return r;
+  r = vdb_params_set(&s->cfg.params, "readonly", "1");
+  if (r < 0) {
+    vdb_disk_put(s);
+    return r;
+  }
+  snprintf(s->name, sizeof s->name, "%s", cfg.name);
+  s->block_size = d->block_size;
+  s->export = cfg.export;
+  *out = s;
+  return 0;
+}
+
+/* The overlay that d becomes: cow over the snapshot. */
+static int snapshot_overlay_params(struct vdb_disk *d, struct vdb_disk *s, const char *store,
+                                   struct vdb_params *p)
+{
+  vdb_params_init(p);
+  if (vdb_params_set(p, "base", s->name) < 0 || vdb_params_set(p, "store", store) < 0 ||
+      (d->cfg.readonly && vdb_params_set(p, "readonly", "1") < 0)) {
+    vdb_params_clear(p);
+    return -ENOMEM;
+  }
+  return 0;
+}
+
+/* With d paused: move its storage to s, register s, open the overlay and
+ * make it d's storage. */
+static int snapshot_swap(struct vdb_disk *d, struct vdb_disk *s, const char *store)
+{
+  struct vdb_backend_info ci;
+  struct vdb_params p;
+  void *cowh;
+  int r = vdb_disk_flush_sync(d);
+
+  if (r < 0) {
+    vdb_set_error("snapshot of '%s': flush failed: %s", d->name, strerror(-r));
+    return r;
+  }
+  s->ops = d->ops;
+  s->handle = d->handle;
+  s->info = d->info;
+  s->size = d->size;
+  disk_derive_caps(s);
+  r = bus_register(s);
+  if (r < 0)
+    goto err_s;
+  r = snapshot_overlay_params(d, s, store, &p);
+  if (r < 0)
+    goto err_unlink;
+  r = backend_open(&vdb_backend_cow, &p, &cowh, &ci);
+  if (r < 0) {
+    vdb_params_clear(&p);
+    goto err_unlink;
+  }
+  if (ci.size != d->size) {
+    vdb_backend_cow.close(cowh);
+    vdb_params_clear(&p);
+    vdb_set_error("snapshot of '%s': the overlay's size differs from the disk's", d->name);
+    r = -EIO;
+    goto err_unlink;
+  }
+  d->ops = &vdb_backend_cow;
+  d->handle = cowh;
+  d->info = ci;
+  snprintf(d->cfg.backend, sizeof d->cfg.backend, "%s", vdb_backend_cow.name);
+  vdb_params_clear(&d->cfg.params);
+  d->cfg.params = p;
+  disk_derive_caps(d);
+  return 0;
+
+err_unlink:
+  disk_unlink(s);
+err_s:
+  s->handle = NULL; /* still d's */
+  return r;
+}
+
+int vdb_bus_snapshot(const char *name, const struct vdb_disk_config *snap_cfg,
+                     const char *store, struct vdb_disk **out)
+{
+  struct vdb_disk *d, *s;
+  int r;
+
+  if (vdb_bus_get(name, &d) < 0) {
+    vdb_set_error("no disk named '%s'", name);
+    return -ENOENT;
+  }
+  r = snapshot_check(d, snap_cfg);
+  if (r == 0)
+    r = snapshot_create(d, snap_cfg, &s);
+  if (r < 0)
+    goto out;
+  r = vdb_disk_pause(d, BUS_PAUSE_MS);
+  if (r < 0) {
+    vdb_set_error("snapshot of '%s': requests still in flight after %d s", name, BUS_PAUSE_MS / 1000);
+    vdb_disk_put(s);
+    goto out;
+  }
+  r = snapshot_swap(d, s, store);
+  vdb_disk_resume(d);
+  if (r < 0) {
+    vdb_disk_put(s);
+    goto out;
+  }
+  vdb_info("snapshot %s of %s taken; %s is now an overlay (store %s)", s->name, name, name, store);
+  if (disk_attach(s) < 0)
+    vdb_warn("snapshot %s: attach %s failed: %s (the snapshot is there, unattached)", s->name,
+             s->cfg.attach, vdb_get_error());
+  vdb_clear_error();
+  bus_changed();
+  if (out) {
+    vdb_disk_get(s);
+    *out = s;
+  }
+out:
+  vdb_disk_put(d);
+  return r;
+}
+
+static int commit_check(struct vdb_disk *d)
+{
+  struct vdb_disk *base;
+
+  if (d->ops != &vdb_backend_cow) {
+    vdb_set_error("disk '%s' is not an overlay (backend %s): nothing to commit", d->name,
+                  d->cfg.backend);
+    return -EINVAL;
+  }
+  base = vdb_cow_base(d->handle);
+  if (base->cfg.snapshot) {
+    vdb_set_error("the base of '%s' is the snapshot '%s', which never changes: "
+                  "nothing can be committed into it", d->name, base->name);
+    return -EPERM;
+  }
+  if (base->readonly || d->readonly) {
+    vdb_set_error("cannot commit '%s' into '%s': %s is read-only", d->name, base->name,
+                  d->readonly ? d->name : base->name);
+    return -EPERM;
+  }
+  if (atomic_load(&base->dependents) > 1) {
+    char names[256];
+    bus_dependent_names(base, names, sizeof names);
+    vdb_set_error("cannot commit '%s' into '%s': it is also the base of other overlays (%s)",
+                  d->name, base->name, names);
+    return -EBUSY;
+  }
+  return 0;
+}
+
+int vdb_bus_commit(const char *name, uint64_t *bytes)
+{
+  struct vdb_disk *d;
+  int r;
+
+  *bytes = 0;
+  if (vdb_bus_get(name, &d) < 0) {
+    vdb_set_error("no disk named '%s'", name);
+    return -ENOENT;
+  }
+  r = commit_check(d);
+  if (r < 0)
+    goto out;
+  r = vdb_disk_pause(d, BUS_PAUSE_MS);
+  if (r < 0) {
+    vdb_set_error("commit of '%s': requests still in flight after %d s", name, BUS_PAUSE_MS / 1000);
+    goto out;
+  }
+  vdb_cow_commit_begin(d->handle);
+  vdb_disk_resume(d);
+  r = vdb_cow_commit_run(d->handle, bytes);
+  {
+    bool paused = vdb_disk_pause(d, BUS_PAUSE_MS) == 0;
+    vdb_cow_commit_finish(d->handle, paused);
+    if (paused)
+      vdb_disk_resume(d);
+  }
+  if (r == 0)
+    vdb_info("committed %llu bytes of %s into %s", (unsigned long long)*bytes, name,
+             vdb_cow_base(d->handle)->name);
+out:
+  vdb_disk_put(d);
+  return r;
 }

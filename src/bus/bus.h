@@ -30,6 +30,7 @@ struct vdb_disk_config {
   bool readonly;
   bool export;                   /* visible as an NBD export */
   char attach[16];               /* "auto", "ublk", "nbd-kernel", "loop", "none" */
+  bool snapshot;                 /* a point-in-time snapshot: read-only, never changes */
   /* Set by the frontend at attach (e.g. a ublk device id) and persisted, so
    * that the frontend can take its device back after a daemon restart.
    * Empty when there is nothing to recover. */
@@ -75,6 +76,15 @@ struct vdb_disk {
   char device[VDB_DEVICE_MAX];          /* "/dev/loop3" or "" */
 
   struct vdb_disk_stats stats;
+
+  /* Layering.  While overlays (cow disks) use this disk as their base it is
+   * read-only to everyone else: writes fail with EPERM. */
+  _Atomic int dependents;
+
+  /* Pausing (snapshot, commit): while paused, submitted requests wait in
+   * paused_reqs (under lock) and are resubmitted at resume. */
+  _Atomic bool paused;
+  struct vdb_req *paused_head, **paused_tail;
 
   /* Lifetime. */
   _Atomic int refs;                     /* registry holds one */
@@ -128,8 +138,45 @@ void vdb_disk_remove_user(struct vdb_disk *d, struct vdb_disk_user *u);
  * this returns.  Any thread. */
 void vdb_disk_submit(struct vdb_disk *d, struct vdb_req *req);
 
+/* Submit flags. */
+#define VDB_SUBMIT_INTERNAL (1u << 0) /* from the bus or a layer above: passes a
+                                         pause and writes a base with overlays */
+void vdb_disk_submit_flags(struct vdb_disk *d, struct vdb_req *req, unsigned flags);
+
+/* Run one request synchronously (control path, or any thread that is not a
+ * worker loop waiting on itself): 0 or -errno.  With VDB_SUBMIT_INTERNAL
+ * semantics. */
+int vdb_disk_io_sync(struct vdb_disk *d, struct vdb_req *req);
 /* Flush synchronously (control path): 0 or -errno. */
 int vdb_disk_flush_sync(struct vdb_disk *d);
+
+/* Is the disk writable right now (not read-only, no overlays on it)? */
+static inline bool vdb_disk_is_writable(struct vdb_disk *d)
+{
+  return !d->readonly && atomic_load_explicit(&d->dependents, memory_order_relaxed) == 0;
+}
+
+/* Hold new requests and wait (up to timeout_ms) until none is in flight:
+ * 0, or -ETIMEDOUT (then the disk is resumed).  Control thread. */
+int vdb_disk_pause(struct vdb_disk *d, int timeout_ms);
+/* Let held requests go (resubmitted from a worker loop). */
+void vdb_disk_resume(struct vdb_disk *d);
+
+/* Overlays: a layer using d as its base takes a reference and one of these. */
+void vdb_disk_add_dependent(struct vdb_disk *d);
+void vdb_disk_remove_dependent(struct vdb_disk *d);
+
+/* Snapshot: d's current storage becomes a new read-only disk named snap
+ * (attached and exported as snap_cfg says) and d carries on, without a
+ * restart of its frontends, as an overlay (backend cow) over it, with its
+ * changes in store ("ram" or "file:PATH").  Writes to d wait at most for
+ * the drain and a flush.  Control thread.  0 and a reference in *out, or
+ * -errno with vdb_set_error(). */
+int vdb_bus_snapshot(const char *name, const struct vdb_disk_config *snap_cfg,
+                     const char *store, struct vdb_disk **out);
+/* Commit: write an overlay's changes into its base; the overlay stays,
+ * empty.  Control thread; blocks while copying.  *bytes = bytes copied. */
+int vdb_bus_commit(const char *name, uint64_t *bytes);
 
 /* Called by the bus whenever the set of disks changes (state persistence). */
 extern void (*vdb_bus_on_change)(void);

@@ -2,10 +2,25 @@
  * read-only and capability checks happen, so backends can trust their input. */
 #include <assert.h>
 #include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <time.h>
 
 #include "bus/bus.h"
 #include "common/log.h"
 #include "common/loop.h"
+
+/* One request fewer in flight; wakes an unplug or a pause waiting for the
+ * disk to drain. */
+static void req_inflight_dec(struct vdb_disk *d)
+{
+  if (atomic_fetch_sub(&d->stats.inflight, 1) == 1 &&
+      (atomic_load(&d->closing) || atomic_load(&d->paused))) {
+    pthread_mutex_lock(&d->lock);
+    pthread_cond_broadcast(&d->cond);
+    pthread_mutex_unlock(&d->lock);
+  }
+}
 
 void vdb_req_complete(struct vdb_req *req, int err)
 {
@@ -19,18 +34,13 @@ void vdb_req_complete(struct vdb_req *req, int err)
             (unsigned long long)req->len, err);
   }
   /* done() may free req (and drop its disk reference): touch neither after. */
-  if (atomic_fetch_sub_explicit(&d->stats.inflight, 1, memory_order_acq_rel) == 1 &&
-      atomic_load_explicit(&d->closing, memory_order_acquire)) {
-    pthread_mutex_lock(&d->lock);
-    pthread_cond_broadcast(&d->cond);
-    pthread_mutex_unlock(&d->lock);
-  }
+  req_inflight_dec(d);
   req->done(req, err);
 }
 
 /* Returns 0 when the request may go to the backend, 1 when the bus has
  * already answered it (success with nothing to do), or -errno. */
-static int req_validate(struct vdb_disk *d, struct vdb_req *req)
+static int req_validate(struct vdb_disk *d, struct vdb_req *req, unsigned flags)
 {
   bool is_write = req->type == VDB_REQ_WRITE || req->type == VDB_REQ_TRIM ||
                   req->type == VDB_REQ_WRITE_ZEROES;
@@ -39,6 +49,9 @@ static int req_validate(struct vdb_disk *d, struct vdb_req *req)
     return -EINVAL;
   if (is_write && d->readonly)
     return -EPERM;
+  if (is_write && !(flags & VDB_SUBMIT_INTERNAL) &&
+      atomic_load_explicit(&d->dependents, memory_order_acquire) > 0)
+    return -EPERM; /* the base of overlays is shared and read-only */
   if (req->type == VDB_REQ_FLUSH)
     return d->ops->flush ? 0 : 1;
   if (req->offset > d->size || req->len > d->size - req->offset)
@@ -91,15 +104,43 @@ static void req_count(struct vdb_disk *d, const struct vdb_req *req)
   }
 }
 
-void vdb_disk_submit(struct vdb_disk *d, struct vdb_req *req)
+/* Park a request submitted while the disk is paused.  Returns false when
+ * the pause ended meanwhile (submit it now). */
+static bool req_park(struct vdb_disk *d, struct vdb_req *req)
 {
-  const struct vdb_backend_ops *ops = d->ops;
+  bool parked = false;
+
+  pthread_mutex_lock(&d->lock);
+  if (atomic_load(&d->paused)) {
+    req->backend_priv[0] = 0;
+    *d->paused_tail = req;
+    d->paused_tail = (struct vdb_req **)&req->backend_priv[0];
+    parked = true;
+  }
+  pthread_mutex_unlock(&d->lock);
+  return parked;
+}
+
+void vdb_disk_submit_flags(struct vdb_disk *d, struct vdb_req *req, unsigned flags)
+{
+  const struct vdb_backend_ops *ops;
   int r;
 
   req->disk = d;
   req->nr_extents = 0;
-  atomic_fetch_add_explicit(&d->stats.inflight, 1, memory_order_relaxed);
-  r = req_validate(d, req);
+  /* Counted in flight before the pause flag is read, and vdb_disk_pause()
+   * sets the flag before it reads the count (both sequentially
+   * consistent): either the pause waits for this request or this request
+   * sees the pause. */
+  atomic_fetch_add(&d->stats.inflight, 1);
+  if (!(flags & VDB_SUBMIT_INTERNAL) && atomic_load(&d->paused)) {
+    req_inflight_dec(d);
+    if (req_park(d, req))
+      return;
+    atomic_fetch_add(&d->stats.inflight, 1);
+  }
+  ops = d->ops;
+  r = req_validate(d, req, flags);
   if (r != 0) {
     vdb_req_complete(req, r < 0 ? r : 0);
     return;
@@ -115,6 +156,11 @@ void vdb_disk_submit(struct vdb_disk *d, struct vdb_req *req)
   case VDB_REQ_BLOCK_STATUS: ops->block_status(d->handle, req); break;
   default: vdb_req_complete(req, -EINVAL); break;
   }
+}
+
+void vdb_disk_submit(struct vdb_disk *d, struct vdb_req *req)
+{
+  vdb_disk_submit_flags(d, req, 0);
 }
 
 struct sync_wait {
@@ -144,32 +190,119 @@ static void sync_submit_on_worker(void *arg)
 {
   struct sync_submit *s = arg;
 
-  vdb_disk_submit(s->d, s->req);
+  vdb_disk_submit_flags(s->d, s->req, VDB_SUBMIT_INTERNAL);
 }
 
 /* Blocks the calling thread.  A backend may complete a request submitted on
  * an event-loop thread through that loop (io_uring), which would never run
  * while we wait: so from a loop thread other than a worker, the request is
  * submitted on a worker loop instead. */
-int vdb_disk_flush_sync(struct vdb_disk *d)
+int vdb_disk_io_sync(struct vdb_disk *d, struct vdb_req *req)
 {
   struct sync_wait w = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false, 0 };
-  struct vdb_req req = { .type = VDB_REQ_FLUSH, .done = sync_done, .opaque = &w };
-  struct sync_submit s = { d, &req };
+  struct sync_submit s = { d, req };
   struct vdb_loop *cur = vdb_loop_current();
   bool on_worker = false, posted = false;
 
-  if (d->readonly)
-    return 0;
+  req->done = sync_done;
+  req->opaque = &w;
   for (int i = 0; cur && i < vdb_workers_count(); i++)
     on_worker |= vdb_worker_get(i) == cur;
   if (cur && !on_worker && vdb_workers_count() > 0)
     posted = vdb_loop_post(vdb_worker_pick(), sync_submit_on_worker, &s) == 0;
   if (!posted)
-    vdb_disk_submit(d, &req);
+    vdb_disk_submit_flags(d, req, VDB_SUBMIT_INTERNAL);
   pthread_mutex_lock(&w.lock);
   while (!w.done)
     pthread_cond_wait(&w.cond, &w.lock);
   pthread_mutex_unlock(&w.lock);
   return w.err;
+}
+
+int vdb_disk_flush_sync(struct vdb_disk *d)
+{
+  struct vdb_req req = { .type = VDB_REQ_FLUSH };
+
+  if (d->readonly)
+    return 0;
+  return vdb_disk_io_sync(d, &req);
+}
+
+/* ---- pause and resume ---- */
+
+int vdb_disk_pause(struct vdb_disk *d, int timeout_ms)
+{
+  struct timespec ts;
+  int r = 0;
+
+  clock_gettime(CLOCK_REALTIME, &ts);
+  ts.tv_sec += timeout_ms / 1000;
+  ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+  if (ts.tv_nsec >= 1000000000L) {
+    ts.tv_sec++;
+    ts.tv_nsec -= 1000000000L;
+  }
+  pthread_mutex_lock(&d->lock);
+  assert(!d->paused);
+  d->paused_head = NULL;
+  d->paused_tail = &d->paused_head;
+  atomic_store(&d->paused, true);
+  while (atomic_load(&d->stats.inflight) > 0 && r == 0)
+    r = pthread_cond_timedwait(&d->cond, &d->lock, &ts);
+  pthread_mutex_unlock(&d->lock);
+  if (r != 0 && atomic_load(&d->stats.inflight) > 0) {
+    vdb_disk_resume(d);
+    return -ETIMEDOUT;
+  }
+  return 0;
+}
+
+struct resume_batch {
+  struct vdb_disk *d;
+  struct vdb_req *head;
+};
+
+static void resume_resubmit(void *arg)
+{
+  struct resume_batch *b = arg;
+  struct vdb_req *req = b->head;
+
+  while (req) {
+    struct vdb_req *next = (struct vdb_req *)(uintptr_t)req->backend_priv[0];
+    vdb_disk_submit(b->d, req);
+    req = next;
+  }
+  vdb_disk_put(b->d);
+  free(b);
+}
+
+void vdb_disk_resume(struct vdb_disk *d)
+{
+  struct resume_batch *b;
+  struct vdb_req *head;
+
+  pthread_mutex_lock(&d->lock);
+  atomic_store(&d->paused, false);
+  head = d->paused_head;
+  d->paused_head = NULL;
+  d->paused_tail = &d->paused_head;
+  pthread_mutex_unlock(&d->lock);
+  if (!head)
+    return;
+  /* From a worker: the backend may complete through the submitting loop. */
+  b = malloc(sizeof *b);
+  if (b) {
+    vdb_disk_get(d);
+    b->d = d;
+    b->head = head;
+    if (vdb_workers_count() > 0 && vdb_loop_post(vdb_worker_pick(), resume_resubmit, b) == 0)
+      return;
+    resume_resubmit(b);
+    return;
+  }
+  while (head) {
+    struct vdb_req *next = (struct vdb_req *)(uintptr_t)head->backend_priv[0];
+    vdb_disk_submit(d, head);
+    head = next;
+  }
 }

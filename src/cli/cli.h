@@ -23,5 +23,8 @@ int cli_unplug(int argc, char **argv);
 int cli_list(int argc, char **argv);
 int cli_info(int argc, char **argv);
 int cli_backends(int argc, char **argv);
+int cli_snapshot(int argc, char **argv);
+int cli_clone(int argc, char **argv);
+int cli_commit(int argc, char **argv);
 
 #endif

@@ -19,6 +19,15 @@ static void usage(FILE *f)
 "  plug delay --size SIZE [--delay-read MS] [--delay-write MS] [--delay-other MS]\n"
 "  plug trace --size SIZE --trace-file PATH\n"
 "                                          test disks: faults, delays, call traces\n"
+"  plug cow --base NAME [--store ram|file:PATH] [--chunk-size SIZE] [OPTIONS]\n"
+"                                          a copy-on-write overlay over a plugged\n"
+"                                          disk (which turns read-only meanwhile)\n"
+"  snapshot NAME [--as SNAP] [--store ram|file:PATH] [--attach MODE] [--no-export]\n"
+"                                          a read-only point-in-time copy of NAME,\n"
+"                                          taken without copying; NAME carries on\n"
+"  clone SNAP [--as NAME] [--store ram|file:PATH] [--readonly] [--attach MODE]\n"
+"                                          a writable disk starting from SNAP\n"
+"  commit NAME                             write an overlay's changes into its base\n"
 "  unplug NAME [--force] | unplug --all [--force]\n"
 "  list [--json]                           plugged disks\n"
 "  info NAME [--json]                      settings and I/O counters of a disk\n"
@@ -85,7 +94,8 @@ static const struct {
 } commands[] = {
   { "plug", cli_plug }, { "unplug", cli_unplug }, { "list", cli_list },
   { "info", cli_info }, { "backends", cli_backends }, { "help", cli_help },
-  { "version", cli_version },
+  { "version", cli_version }, { "snapshot", cli_snapshot }, { "clone", cli_clone },
+  { "commit", cli_commit },
 };
 
 int main(int argc, char **argv)

@@ -12,6 +12,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "backends/cow.h"
 #include "backends/registry.h"
 #include "common/error.h"
 #include "common/log.h"
@@ -88,7 +89,7 @@ json_t *vdb_control_disk_json(struct vdb_disk *d, bool with_stats)
     json_object_set_new(params, d->cfg.params.key[i], json_string(d->cfg.params.val[i]));
   o = json_pack("{s:s, s:s, s:I, s:b, s:i, s:o, s:s, s:o, s:o, s:b, s:s, s:o}",
                 "name", d->name, "backend", d->cfg.backend, "size", (json_int_t)d->size,
-                "readonly", d->readonly, "block_size", (int)d->block_size,
+                "readonly", !vdb_disk_is_writable(d), "block_size", (int)d->block_size,
                 "device", d->device[0] ? json_string(d->device) : json_null(),
                 "attach", d->cfg.attach,
                 "frontend", d->fe ? json_string(d->fe->name) : json_null(),
@@ -96,6 +97,10 @@ json_t *vdb_control_disk_json(struct vdb_disk *d, bool with_stats)
                            json_string(uri) : json_null(),
                 "export", d->export, "description", d->info.description,
                 "params", params);
+  json_object_set_new(o, "snapshot", json_boolean(d->cfg.snapshot));
+  json_object_set_new(o, "base", d->ops == &vdb_backend_cow ?
+                                 json_string(vdb_cow_base(d->handle)->name) : json_null());
+  json_object_set_new(o, "overlays", json_integer(atomic_load(&d->dependents)));
   if (with_stats) {
     if (d->fe && d->fe->describe) {
       char desc[256] = "";
@@ -145,15 +150,16 @@ static int parse_plug_params(json_t *params, struct vdb_disk_config *cfg)
 int vdb_control_parse_plug(json_t *args, struct vdb_disk_config *cfg)
 {
   const char *backend = NULL, *name = "", *attach = "auto";
-  int readonly = 0, export = 1, bs = 512;
+  int readonly = 0, export = 1, bs = 512, snapshot = 0;
   json_t *params = NULL;
   json_error_t jerr;
 
   memset(cfg, 0, sizeof *cfg);
-  if (!args || json_unpack_ex(args, &jerr, JSON_STRICT, "{s:s, s?:s, s?:o, s?:b, s?:i, s?:s, s?:b}",
+  if (!args || json_unpack_ex(args, &jerr, JSON_STRICT,
+                              "{s:s, s?:s, s?:o, s?:b, s?:i, s?:s, s?:b, s?:b}",
                               "backend", &backend, "name", &name, "params", &params,
                               "readonly", &readonly, "block_size", &bs, "attach", &attach,
-                              "export", &export) < 0) {
+                              "export", &export, "snapshot", &snapshot) < 0) {
     vdb_set_error("bad plug request: %s", args ? jerr.text : "no arguments");
     return -EINVAL;
   }
@@ -165,7 +171,8 @@ int vdb_control_parse_plug(json_t *args, struct vdb_disk_config *cfg)
   strcpy(cfg->name, name);
   strcpy(cfg->backend, backend);
   strcpy(cfg->attach, attach);
-  cfg->readonly = readonly;
+  cfg->snapshot = snapshot;
+  cfg->readonly = readonly || snapshot;
   cfg->export = export;
   cfg->block_size = bs < 0 ? 0 : (uint32_t)bs;
   if (parse_plug_params(params, cfg) < 0) {
@@ -197,24 +204,39 @@ static json_t *op_plug(json_t *args)
 
 /* ---- unplug, list, info ---- */
 
-static json_t *op_unplug_all(bool force)
+/* One pass over every disk; returns how many were unplugged.  A disk that
+ * is the base of overlays waits for the next pass. */
+static int unplug_pass(bool force, int *failed, char *first, size_t len)
 {
   struct vdb_disk **v;
-  int n = vdb_bus_list(&v), failed = 0, r = 0;
-  char first[512] = "";
+  int n = vdb_bus_list(&v), done = 0;
 
   if (n < 0)
-    return reply_errno(n);
+    return n;
+  *failed = 0;
   for (int i = 0; i < n; i++) {
     char name[VDB_NAME_MAX];
     snprintf(name, sizeof name, "%s", v[i]->name);
     vdb_disk_put(v[i]);
     v[i] = NULL;
-    r = vdb_bus_unplug(name, force);
-    if (r < 0 && !failed++)
-      snprintf(first, sizeof first, "%s", vdb_get_error());
+    if (vdb_bus_unplug(name, force) == 0)
+      done++;
+    else if (!(*failed)++)
+      snprintf(first, len, "%s", vdb_get_error());
   }
   free(v);
+  return done;
+}
+
+static json_t *op_unplug_all(bool force)
+{
+  char first[512] = "";
+  int failed = 0, r;
+
+  while ((r = unplug_pass(force, &failed, first, sizeof first)) > 0 && failed > 0)
+    ;
+  if (r < 0)
+    return reply_errno(r);
   if (failed)
     return reply_error(-EBUSY, "%d disk(s) not unplugged: %s", failed, first);
   return reply_result(json_object());
@@ -279,6 +301,160 @@ static json_t *op_backends(json_t *args)
   return reply_result(a);
 }
 
+/* ---- snapshot, clone, commit ---- */
+
+/* The default store of an overlay named name over base: a file in the state
+ * directory when the base's data persists, else RAM. */
+static void default_store(struct vdb_disk *base, const char *name, char *buf, size_t len)
+{
+  bool vol = (base->ops->flags & VDB_BACKEND_VOLATILE) || base->info.volatile_data;
+
+  if (vol || snprintf(buf, len, "file:%s/overlays/%s.cow", vdb_bus_settings.state_dir, name) >= (int)len)
+    snprintf(buf, len, "ram");
+}
+
+static int make_overlay_dir(const char *store)
+{
+  char dir[600];
+
+  if (strncmp(store, "file:", 5) != 0)
+    return 0;
+  snprintf(dir, sizeof dir, "%s/overlays", vdb_bus_settings.state_dir);
+  if (strncmp(store + 5, dir, strlen(dir)) == 0 && mkdir(dir, 0700) < 0 && errno != EEXIST) {
+    vdb_set_error("cannot create %s: %s", dir, strerror(errno));
+    return -errno;
+  }
+  return 0;
+}
+
+/* The smallest free NAME.snapN. */
+static void pick_snapshot_name(const char *name, char *buf, size_t len)
+{
+  for (unsigned i = 1;; i++) {
+    struct vdb_disk *o;
+    snprintf(buf, len, "%.*s.snap%u", VDB_NAME_MAX - 16, name, i);
+    if (vdb_bus_get(buf, &o) < 0)
+      return;
+    vdb_disk_put(o);
+  }
+}
+
+static json_t *op_snapshot(json_t *args)
+{
+  const char *name = NULL, *as = "", *store = "", *attach = "none";
+  int export = 1, r;
+  struct vdb_disk_config scfg;
+  struct vdb_disk *d, *s;
+  char storebuf[700], snap[VDB_NAME_MAX];
+  json_error_t jerr;
+  json_t *res;
+
+  if (!args || json_unpack_ex(args, &jerr, JSON_STRICT, "{s:s, s?:s, s?:s, s?:s, s?:b}", "name",
+                              &name, "as", &as, "store", &store, "attach", &attach,
+                              "export", &export) < 0)
+    return reply_error(-EINVAL, "bad snapshot request: %s", args ? jerr.text : "no arguments");
+  if (strlen(as) >= sizeof snap || strlen(attach) >= sizeof scfg.attach ||
+      strlen(store) >= sizeof storebuf)
+    return reply_error(-EINVAL, "snapshot name, attach mode or store too long");
+  if (vdb_bus_get(name, &d) < 0)
+    return reply_error(-ENOENT, "no disk named '%s'", name);
+  if (as[0])
+    snprintf(snap, sizeof snap, "%s", as);
+  else
+    pick_snapshot_name(name, snap, sizeof snap);
+  if (store[0]) {
+    snprintf(storebuf, sizeof storebuf, "%s", store);
+  } else {
+    char over[2 * VDB_NAME_MAX + 2];
+    snprintf(over, sizeof over, "%s.%s", name, snap);
+    default_store(d, over, storebuf, sizeof storebuf);
+  }
+  vdb_disk_put(d);
+  memset(&scfg, 0, sizeof scfg);
+  snprintf(scfg.name, sizeof scfg.name, "%s", snap);
+  snprintf(scfg.attach, sizeof scfg.attach, "%s", attach);
+  scfg.export = export;
+  r = make_overlay_dir(storebuf);
+  if (r == 0)
+    r = vdb_bus_snapshot(name, &scfg, storebuf, &s);
+  if (r < 0)
+    return reply_errno(r);
+  res = vdb_control_disk_json(s, false);
+  vdb_disk_put(s);
+  return reply_result(res);
+}
+
+static json_t *op_clone(json_t *args)
+{
+  const char *name = NULL, *as = "", *store = "", *attach = "auto";
+  int export = 1, readonly = 0, r;
+  struct vdb_disk_config cfg;
+  struct vdb_disk *base, *d;
+  char storebuf[700];
+  json_error_t jerr;
+  json_t *res;
+
+  if (!args || json_unpack_ex(args, &jerr, JSON_STRICT, "{s:s, s?:s, s?:s, s?:s, s?:b, s?:b}",
+                              "name", &name, "as", &as, "store", &store, "attach", &attach,
+                              "export", &export, "readonly", &readonly) < 0)
+    return reply_error(-EINVAL, "bad clone request: %s", args ? jerr.text : "no arguments");
+  if (strlen(as) >= sizeof cfg.name || strlen(attach) >= sizeof cfg.attach ||
+      strlen(store) >= sizeof storebuf)
+    return reply_error(-EINVAL, "clone name, attach mode or store too long");
+  if (vdb_bus_get(name, &base) < 0)
+    return reply_error(-ENOENT, "no disk named '%s'", name);
+  memset(&cfg, 0, sizeof cfg);
+  snprintf(cfg.backend, sizeof cfg.backend, "cow");
+  snprintf(cfg.attach, sizeof cfg.attach, "%s", attach);
+  cfg.block_size = base->block_size;
+  cfg.export = export;
+  cfg.readonly = readonly;
+  if (as[0]) {
+    snprintf(cfg.name, sizeof cfg.name, "%s", as);
+  } else {
+    /* A clone needs its name before its store: the smallest free vdN. */
+    for (unsigned i = 0;; i++) {
+      struct vdb_disk *o;
+      snprintf(cfg.name, sizeof cfg.name, "vd%u", i);
+      if (vdb_bus_get(cfg.name, &o) < 0)
+        break;
+      vdb_disk_put(o);
+    }
+  }
+  if (store[0])
+    snprintf(storebuf, sizeof storebuf, "%s", store);
+  else
+    default_store(base, cfg.name, storebuf, sizeof storebuf);
+  vdb_disk_put(base);
+  r = make_overlay_dir(storebuf);
+  if (r == 0 && (vdb_params_set(&cfg.params, "base", name) < 0 ||
+                 vdb_params_set(&cfg.params, "store", storebuf) < 0 ||
+                 (readonly && vdb_params_set(&cfg.params, "readonly", "1") < 0)))
+    r = -ENOMEM;
+  if (r == 0)
+    r = vdb_bus_plug(&cfg, &d);
+  vdb_params_clear(&cfg.params);
+  if (r < 0)
+    return reply_errno(r);
+  res = vdb_control_disk_json(d, false);
+  vdb_disk_put(d);
+  return reply_result(res);
+}
+
+static json_t *op_commit(json_t *args)
+{
+  const char *name = NULL;
+  uint64_t bytes = 0;
+  int r;
+
+  if (!args || json_unpack(args, "{s:s}", "name", &name) < 0)
+    return reply_error(-EINVAL, "commit needs a disk name");
+  r = vdb_bus_commit(name, &bytes);
+  if (r < 0)
+    return reply_errno(r);
+  return reply_result(json_pack("{s:I}", "bytes", (json_int_t)bytes));
+}
+
 static json_t *op_hello(json_t *args)
 {
   return reply_result(json_pack("{s:s, s:i}", "version", VDB_VERSION,
@@ -291,6 +467,7 @@ static const struct {
 } control_ops[] = {
   { "hello", op_hello }, { "plug", op_plug }, { "unplug", op_unplug },
   { "list", op_list }, { "info", op_info }, { "backends", op_backends },
+  { "snapshot", op_snapshot }, { "clone", op_clone }, { "commit", op_commit },
 };
 
 json_t *vdb_control_handle(json_t *req)

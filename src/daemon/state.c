@@ -37,6 +37,8 @@ static json_t *state_disk_json(struct vdb_disk *d)
                         "backend", d->cfg.backend, "params", params, "readonly", d->cfg.readonly,
                         "block_size", (int)d->cfg.block_size, "attach", d->cfg.attach,
                         "export", d->cfg.export);
+  if (o && d->cfg.snapshot)
+    json_object_set_new(o, "snapshot", json_true());
   if (o && d->cfg.fe_state[0])
     json_object_set_new(o, "frontend_state", json_string(d->cfg.fe_state));
   return o;
@@ -98,7 +100,8 @@ int vdb_state_save(void)
   return 0;
 }
 
-static void state_restore_one(json_t *entry, size_t index)
+/* Plug one saved disk back: 0, or -errno with vdb_set_error(). */
+static int state_restore_one(json_t *entry)
 {
   struct vdb_disk_config cfg;
   json_t *copy = json_deep_copy(entry);
@@ -113,19 +116,66 @@ static void state_restore_one(json_t *entry, size_t index)
   json_object_del(copy, "frontend_state");
   r = vdb_control_parse_plug(copy, &cfg);
   json_decref(copy);
-  if (r == 0)
-    memcpy(cfg.fe_state, fe_state, sizeof fe_state);
-  if (r == 0) {
-    r = vdb_bus_plug(&cfg, NULL);
-    vdb_params_clear(&cfg.params);
+  if (r < 0)
+    return r;
+  memcpy(cfg.fe_state, fe_state, sizeof fe_state);
+  r = vdb_bus_plug(&cfg, NULL);
+  vdb_params_clear(&cfg.params);
+  return r;
+}
+
+/* Does the entry layer over a disk that is not plugged (yet)? */
+static bool state_base_missing(json_t *entry)
+{
+  const char *base = json_string_value(json_object_get(json_object_get(entry, "params"), "base"));
+  struct vdb_disk *d;
+
+  if (!base || strcmp(json_string_value(json_object_get(entry, "backend")) ?: "", "cow") != 0)
+    return false;
+  if (vdb_bus_get(base, &d) < 0)
+    return true;
+  vdb_disk_put(d);
+  return false;
+}
+
+/* Overlays come back after their bases: passes until nothing more plugs. */
+static void state_restore(json_t *disks)
+{
+  size_t n = json_array_size(disks), left = n;
+  bool *done = calloc(n ? n : 1, sizeof *done);
+  bool progress = true;
+
+  if (!done)
+    return;
+  while (left > 0 && progress) {
+    progress = false;
+    for (size_t i = 0; i < n; i++) {
+      json_t *e = json_array_get(disks, i);
+      if (done[i] || state_base_missing(e))
+        continue;
+      done[i] = true;
+      left--;
+      progress = true;
+      if (state_restore_one(e) < 0) {
+        vdb_err("bus state: disk #%zu (%s) not restored: %s", i,
+                json_string_value(json_object_get(e, "name")), vdb_get_error());
+        if (!unrestored)
+          unrestored = json_array();
+        json_array_append(unrestored, e);
+      }
+    }
   }
-  if (r < 0) {
-    vdb_err("bus state: disk #%zu (%s) not restored: %s", index,
-            json_string_value(json_object_get(entry, "name")), vdb_get_error());
-    if (!unrestored)
-      unrestored = json_array();
-    json_array_append(unrestored, entry);
-  }
+  for (size_t i = 0; i < n; i++)
+    if (!done[i]) {
+      json_t *e = json_array_get(disks, i);
+      vdb_err("bus state: disk #%zu (%s) not restored: its base '%s' is not there", i,
+              json_string_value(json_object_get(e, "name")),
+              json_string_value(json_object_get(json_object_get(e, "params"), "base")));
+      if (!unrestored)
+        unrestored = json_array();
+      json_array_append(unrestored, e);
+    }
+  free(done);
 }
 
 int vdb_state_load(void)
@@ -134,7 +184,6 @@ int vdb_state_load(void)
   json_error_t jerr;
   json_t *root, *disks;
   int version = 0;
-  size_t i;
 
   state_path(path, sizeof path, "");
   if (access(path, F_OK) < 0 && errno == ENOENT)
@@ -154,8 +203,7 @@ int vdb_state_load(void)
     json_decref(root);
     return -EINVAL;
   }
-  for (i = 0; i < json_array_size(disks); i++)
-    state_restore_one(json_array_get(disks, i), i);
+  state_restore(disks);
   json_decref(root);
   return 0;
 }
