@@ -70,9 +70,14 @@ static int cli_help(int argc, char **argv)
   res = cli_call("help", "backends", NULL);
   json_array_foreach(res, i, b)
     if (strcmp(json_string_value(json_object_get(b, "name")), argv[2]) == 0) {
-      printf("%s: %s\n\nParameters:\n%s", argv[2],
-             json_string_value(json_object_get(b, "summary")),
-             json_string_value(json_object_get(b, "usage")));
+      const char *origin = json_string_value(json_object_get(b, "origin"));
+      const char *pos = json_string_value(json_object_get(b, "positional"));
+      printf("%s: %s\n", argv[2], json_string_value(json_object_get(b, "summary")));
+      if (origin && strcmp(origin, "built-in") != 0)
+        printf("Plugin: %s\n", origin);
+      printf("\nParameters:\n%s", json_string_value(json_object_get(b, "usage")));
+      if (pos)
+        printf("\n'vdbus plug %s ARG' sets %s=ARG.\n", argv[2], pos);
       json_decref(res);
       return 0;
     }
