@@ -207,7 +207,8 @@ struct vdb_backend_ops {
    * `vdbus help backend NAME`. */
   const char *usage;
   /* Optional: the parameter that the CLI's positional argument sets
-   * (`vdbus plug file PATH` sets "path"); NULL = none. */
+   * (`vdbus plug file PATH` sets "path"; one called "path" is made
+   * absolute by the CLI); NULL = none. */
   const char *positional;
 
   /* Required.  Control path, may block.  Open the storage described by

@@ -471,6 +471,24 @@ def t_out_of_tree():
         shutil.copytree(os.path.dirname(EXAMPLE_C), src)
         run_ok(["make", "-C", src, "VDBUS_CFLAGS=-I" + INCLUDE, "CFLAGS=-O1 -Werror"], timeout=120)
         check(os.path.exists(os.path.join(src, "pattern.so")), "make built no pattern.so")
+        # against an installed vdbus: meson install into a DESTDIR, then the Makefile
+        # finds the header (and the plugin dir) through pkg-config vdbus-backend
+        inst = os.path.join(tmp, "inst")
+        run_ok(["meson", "install", "-C", BUILD, "--destdir", inst, "--quiet"], timeout=300)
+        pcs = [os.path.join(r, f) for r, _, fs in os.walk(inst) for f in fs
+               if f == "vdbus-backend.pc"]
+        eq(len(pcs), 1, "installed vdbus-backend.pc files")
+        env = dict(os.environ, PKG_CONFIG_PATH=os.path.dirname(pcs[0]), PKG_CONFIG_SYSROOT_DIR=inst)
+        check(any(f == "backend.h" for r, _, fs in os.walk(inst) for f in fs), "no installed backend.h")
+        check(any(f == "vdbus-backend.3" for r, _, fs in os.walk(inst) for f in fs),
+              "no installed vdbus-backend.3")
+        src2 = os.path.join(tmp, "pattern-pc")
+        shutil.copytree(os.path.dirname(EXAMPLE_C), src2)
+        rc, out, err = run(["make", "-C", src2, "CFLAGS=-O1 -Werror"], env=env, timeout=120)
+        eq(rc, 0, "make with pkg-config: %s" % err)
+        check("-I" + inst in out, "the include path does not come from the install: %s" % out)
+        rc, out, err = run(["pkg-config", "--variable=plugindir", "vdbus-backend"], env=env)
+        check(out.strip().endswith("/vdbus/plugins"), "plugindir %r" % out)
         # and C++ can include the header
         if shutil.which("g++") or shutil.which("c++"):
             run_ok([shutil.which("c++") or shutil.which("g++"), "-fsyntax-only", "-Wall", "-Werror",
