@@ -96,6 +96,25 @@ static const char *name_problem(const char *s)
   return NULL;
 }
 
+/* Valid UTF-8 (the control protocol is JSON), without control characters
+ * other than newline and tab. */
+static bool text_ok(const char *s)
+{
+  const unsigned char *p = (const unsigned char *)s;
+
+  while (*p) {
+    int n = *p < 0x80 ? 0 : (*p & 0xe0) == 0xc0 && *p >= 0xc2 ? 1 : (*p & 0xf0) == 0xe0 ? 2 :
+            (*p & 0xf8) == 0xf0 && *p <= 0xf4 ? 3 : -1;
+    if (n < 0 || (n == 0 && *p < 0x20 && *p != '\n' && *p != '\t'))
+      return false;
+    p++;
+    for (int i = 0; i < n; i++, p++)
+      if ((*p & 0xc0) != 0x80)
+        return false;
+  }
+  return true;
+}
+
 /* The size and version fields: the part of the check that decides how
  * many bytes of ops may be read. */
 static int ops_check_version(const struct vdb_backend_ops *ops, char *why, size_t len)
@@ -141,6 +160,11 @@ static int ops_check_fields(const struct vdb_backend_ops *o, char *why, size_t l
   }
   if (!o->summary || !o->usage) {
     snprintf(why, len, "backend '%s' has no %s", o->name, o->summary ? "usage" : "summary");
+    return -EINVAL;
+  }
+  if (!text_ok(o->summary) || !text_ok(o->usage)) {
+    snprintf(why, len, "backend '%s': its %s is not UTF-8 text", o->name,
+             text_ok(o->summary) ? "usage" : "summary");
     return -EINVAL;
   }
   if (o->positional && (p = name_problem(o->positional))) {

@@ -208,6 +208,7 @@ static int disk_open_backend(struct vdb_disk *d)
       vdb_set_error("%s backend: %s", d->cfg.backend, strerror(-r));
     return r;
   }
+  info->description[sizeof info->description - 1] = '\0'; /* a backend may fill it all */
   d->size = info->size;
   return 0;
 }

@@ -22,7 +22,8 @@ static void t_read(void *h, struct vdb_req *r)
 }
 
 static const struct vdb_backend_ops good = {
-  VDB_BACKEND_OPS_INIT, .name = "good", .summary = "s", .usage = "u\n",
+  VDB_BACKEND_OPS_INIT, .name = "good", .summary = "s \xc3\xa9\xe2\x82\xac\xf0\x9f\x92\xbe",
+  .usage = "u=U\tthe u\n",
   .open = t_open, .close = t_close, .read = t_read,
 };
 
@@ -51,6 +52,8 @@ static void v_noopen(struct vdb_backend_ops *o) { o->open = NULL; }
 static void v_noclose(struct vdb_backend_ops *o) { o->close = NULL; }
 static void v_noread(struct vdb_backend_ops *o) { o->read = NULL; }
 static void v_flags(struct vdb_backend_ops *o) { o->flags = 1u << 7; }
+static void v_latin1(struct vdb_backend_ops *o) { o->summary = "caf\xe9"; }
+static void v_ctrl(struct vdb_backend_ops *o) { o->usage = "a\033[2Jb\n"; }
 
 static void test_rules(void)
 {
@@ -62,6 +65,7 @@ static void test_rules(void)
     { v_nosummary, "has no summary" }, { v_badpos, "positional parameter name" },
     { v_noopen, "no open callback" }, { v_noclose, "no close callback" },
     { v_noread, "no read callback" }, { v_flags, "unknown flags 0x80" },
+    { v_latin1, "its summary is not UTF-8" }, { v_ctrl, "its usage is not UTF-8" },
   };
   const struct vdb_backend_ops *b;
   char why[256];
