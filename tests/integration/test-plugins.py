@@ -397,6 +397,38 @@ def t_bad_plugins():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@case("a disk of a persistent plugin backend comes back at restart; without the plugin it "
+      "waits in the bus state", daemon=False)
+def t_restore():
+    tmp = tempfile.mkdtemp(prefix="vdbt-prest-", dir="/tmp")
+    d = None
+    try:
+        run_ok(["cc", "-shared", "-fPIC", "-I" + INCLUDE, "-Wall", "-Werror", "-o",
+                os.path.join(tmp, "keep.so"), "-x", "c", "-"],
+               input="#include <stddef.h>\n" + GOOD_BODY +
+               OPS % dict(decl="static const struct vdb_backend_ops ops", api=1, size="sizeof ops",
+                          name="keep", read="t_read") + "VDB_BACKEND_PLUGIN(ops)\n")
+        d = Daemon(extra=["--plugin-dir", tmp])
+        d.plug("keep", "--name", "k", "--attach", "none")
+        d.restart()
+        eq([x["name"] for x in d.list()], ["k"], "restored with the plugin")
+        d.extra = []
+        d.restart()
+        eq(d.list(), [], "no plugin: the disk cannot be plugged back")
+        check("unknown backend 'keep'" in d.log(), "no log line for the missing backend")
+        d.extra = ["--plugin-dir", tmp]
+        d.restart()
+        eq([x["name"] for x in d.list()], ["k"], "the plugin is back: so is the disk")
+        h = d.nbd("k")
+        eq(h.pread(512, 0), b"\xab" * 512, "read after the restore")
+        h.shutdown()
+        d.stop()
+    finally:
+        if d:
+            d.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @case("--plugin-dir: a missing or unreadable directory is an error at start; several dirs load",
       daemon=False)
 def t_plugin_dir_errors():
