@@ -4,7 +4,7 @@
  * vdbus-backend(3), an example is examples/pattern/ in the source tree.
  *
  * A backend is a `const struct vdb_backend_ops` table, built into vdbusd or
- * loaded from a plugin (a shared object exporting VDB_BACKEND_PLUGIN_INIT,
+ * loaded from a plugin (a shared object exporting vdb_backend_plugin_init(),
  * see the end of this file).  The in-tree backends use this same API.
  *
  * Instances.  vdbusd calls open() once per plugged disk with that disk's
@@ -202,7 +202,7 @@ struct vdb_backend_ops {
   /* Required: 1-31 characters of [a-z0-9_-], not starting with '-', unique
    * on the bus ("ram", "file", …): `vdbus plug NAME`. */
   const char *name;
-  const char *summary;    /* Required: one line, for `vdbus backends` */
+  const char *summary;    /* Required: one line of UTF-8, for `vdbus backends` */
   /* Required: the parameters, one per line ("size=SIZE   disk size"), for
    * `vdbus help backend NAME`. */
   const char *usage;
@@ -259,8 +259,9 @@ struct vdb_backend_ops {
  * backend's ops table, which must stay valid while the plugin is loaded
  * (a static const table), or NULL (after vdb_set_error() with the reason)
  * to decline.  One backend per plugin.  vdbusd then checks the table
- * (versioning rules above; name unique and not a built-in's; name, summary,
- * usage, open, close and read set); a plugin that cannot be loaded, lacks
+ * (versioning rules above; name valid, unique and not a built-in's; name,
+ * summary, usage, open, close and read set; summary and usage UTF-8 text;
+ * no unknown flags); a plugin that cannot be loaded, lacks
  * the entry point, declines or is refused is skipped with a log line giving
  * its path and the reason, and vdbusd carries on without it.
  *
@@ -272,7 +273,7 @@ struct vdb_backend_ops {
  *
  * VDB_BACKEND_PLUGIN(my_ops) defines the entry point for a plugin with one
  * static table and no check of bus_api_version. */
-#define VDB_BACKEND_PLUGIN_INIT vdb_backend_plugin_init
+/* The entry point's symbol name, for dlsym(). */
 #define VDB_BACKEND_PLUGIN_INIT_NAME "vdb_backend_plugin_init"
 
 #ifdef __cplusplus

@@ -1,6 +1,6 @@
 /* vdbus — loading backends from plugins: every "*.so" in a plugin
  * directory is dlopen'ed and asked for its ops table through its entry
- * point, VDB_BACKEND_PLUGIN_INIT (see <vdbus/backend.h>).  What the table
+ * point, vdb_backend_plugin_init() (see <vdbus/backend.h>).  What the table
  * must satisfy is checked by the registry (registry.c).
  *
  * A plugin that cannot be opened, has no entry point, declines or is
