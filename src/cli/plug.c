@@ -183,9 +183,8 @@ static const char *positional_key(const char *backend, bool *path)
 static void plug_positional(struct plug_req *p, const char *backend, const char *arg)
 {
   bool path = false;
-  const char *key;
+  const char *key = positional_key(backend, &path);
 
-  key = positional_key(backend, &path);
   if (!key)
     cli_usage_error("plug %s: unexpected argument '%s'", backend, arg);
   if (p->positional)
