@@ -246,6 +246,7 @@ static int disk_open_backend(struct vdb_disk *d)
   r = backend_open(d->ops, &d->cfg.params, &d->handle, &d->info);
   if (r < 0)
     return r;
+  d->info.description[sizeof d->info.description - 1] = '\0'; /* a backend may fill it all */
   d->size = d->info.size;
   return 0;
 }

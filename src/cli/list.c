@@ -109,8 +109,12 @@ int cli_backends(int argc, char **argv)
   if (json)
     print_json(res);
   else
-    json_array_foreach(res, i, b)
+    json_array_foreach(res, i, b) {
+      const char *origin = str_or(b, "origin", "built-in");
       printf("%-8s %s\n", str_or(b, "name", "?"), str_or(b, "summary", ""));
+      if (strcmp(origin, "built-in") != 0)
+        printf("%-8s plugin %s\n", "", origin);
+    }
   json_decref(res);
   return 0;
 }

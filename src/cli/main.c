@@ -28,10 +28,14 @@ static void usage(FILE *f)
 "  clone SNAP [--as NAME] [--store ram|file:PATH] [--readonly] [--attach MODE]\n"
 "                                          a writable disk starting from SNAP\n"
 "  commit NAME                             write an overlay's changes into its base\n"
+"  plug BACKEND [ARG] [OPTIONS]            a backend from a plugin: ARG sets its\n"
+"                                          positional parameter (see 'vdbus help\n"
+"                                          backend BACKEND')\n"
 "  unplug NAME [--force] | unplug --all [--force]\n"
 "  list [--json]                           plugged disks\n"
 "  info NAME [--json]                      settings and I/O counters of a disk\n"
-"  backends [--json]                       the backends this daemon has\n"
+"  backends [--json]                       the backends this daemon has (built-in\n"
+"                                          and from plugins, with their paths)\n"
 "  help backend NAME                       a backend's parameters\n"
 "  version                                 client and daemon versions\n"
 "\n"
@@ -79,9 +83,14 @@ static int cli_help(int argc, char **argv)
   res = cli_call("help", "backends", NULL);
   json_array_foreach(res, i, b)
     if (strcmp(json_string_value(json_object_get(b, "name")), argv[2]) == 0) {
-      printf("%s: %s\n\nParameters:\n%s", argv[2],
-             json_string_value(json_object_get(b, "summary")),
-             json_string_value(json_object_get(b, "usage")));
+      const char *origin = json_string_value(json_object_get(b, "origin"));
+      const char *pos = json_string_value(json_object_get(b, "positional"));
+      printf("%s: %s\n", argv[2], json_string_value(json_object_get(b, "summary")));
+      if (origin && strcmp(origin, "built-in") != 0)
+        printf("Plugin: %s\n", origin);
+      printf("\nParameters:\n%s", json_string_value(json_object_get(b, "usage")));
+      if (pos)
+        printf("\n'vdbus plug %s ARG' sets %s=ARG.\n", argv[2], pos);
       json_decref(res);
       return 0;
     }

@@ -142,7 +142,34 @@ static void plug_option(struct plug_req *p, int argc, char **argv, int *i)
   }
 }
 
-/* The positional argument of a backend that takes one (file PATH, nbd URI). */
+/* The positional parameter of a backend the CLI does not know (a plugin),
+ * from the daemon's `backends` list; NULL if the backend takes none.  A
+ * parameter called "path" is made absolute, as the file backend's. */
+static const char *daemon_positional_key(const char *backend, bool *path)
+{
+  static char key[64];
+  json_t *res = cli_call("plug", "backends", NULL), *b;
+  const char *k = NULL;
+  bool found = false;
+  size_t i;
+
+  json_array_foreach(res, i, b)
+    if (strcmp(json_string_value(json_object_get(b, "name")), backend) == 0) {
+      found = true;
+      k = json_string_value(json_object_get(b, "positional"));
+      break;
+    }
+  if (k)
+    snprintf(key, sizeof key, "%s", k);
+  json_decref(res);
+  if (!found)
+    cli_die("plug", "no backend named '%s' (see 'vdbus backends')", backend);
+  *path = k && strcmp(key, "path") == 0;
+  return k ? key : NULL;
+}
+
+/* The positional argument of a backend that takes one (file PATH, nbd URI,
+ * what a plugin declares). */
 static const char *positional_key(const char *backend, bool *path)
 {
   for (size_t k = 0; k < sizeof positionals / sizeof positionals[0]; k++)
@@ -150,7 +177,7 @@ static const char *positional_key(const char *backend, bool *path)
       *path = positionals[k].path;
       return positionals[k].key;
     }
-  return NULL;
+  return daemon_positional_key(backend, path);
 }
 
 static void plug_positional(struct plug_req *p, const char *backend, const char *arg)

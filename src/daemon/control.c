@@ -292,12 +292,14 @@ static json_t *op_info(json_t *args)
 static json_t *op_backends(json_t *args)
 {
   json_t *a = json_array();
+  const struct vdb_backend_ops *b;
+  const char *origin;
 
-  for (int i = 0; vdb_backends[i]; i++)
-    json_array_append_new(a, json_pack("{s:s, s:s, s:s, s:b}", "name", vdb_backends[i]->name,
-                                       "summary", vdb_backends[i]->summary,
-                                       "usage", vdb_backends[i]->usage, "volatile",
-                                       (vdb_backends[i]->flags & VDB_BACKEND_VOLATILE) != 0));
+  for (size_t i = 0; (b = vdb_backend_at(i, &origin)); i++)
+    json_array_append_new(a, json_pack("{s:s, s:s, s:s, s:b, s:s?, s:s}", "name", b->name,
+                                       "summary", b->summary, "usage", b->usage, "volatile",
+                                       (b->flags & VDB_BACKEND_VOLATILE) != 0,
+                                       "positional", b->positional, "origin", origin));
   return reply_result(a);
 }
 

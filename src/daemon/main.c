@@ -15,6 +15,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "backends/registry.h"
 #include "common/error.h"
 #include "common/log.h"
 #include "daemon/daemon.h"
@@ -22,6 +23,7 @@
 #include "frontends/nbd/nbd-server.h"
 
 #define MAX_LISTEN 16
+#define MAX_PLUGIN_DIRS 16
 
 static struct {
   bool foreground;
@@ -30,6 +32,8 @@ static struct {
   int nlisten;
   bool no_nbd;
   int workers;
+  const char *plugin_dirs[MAX_PLUGIN_DIRS]; /* none given: VDB_PLUGIN_DIR */
+  int nplugin_dirs;
 } opt;
 
 static struct vdb_loop *main_loop;
@@ -56,6 +60,8 @@ static void usage(FILE *f)
 "  --threads N           data-path worker threads (default: one per CPU)\n"
 "  --queues N            ublk queues / kernel NBD connections per device, 1-16\n"
 "                        (default: one per CPU, at most 4)\n"
+"  --plugin-dir DIR      load the backend plugins (*.so) in DIR, repeatable\n"
+"                        (default " VDB_PLUGIN_DIR ", if it exists)\n"
 "  -f, --foreground      do not daemonize; log to stderr\n"
 "  --pid-file FILE       write the daemon's PID to FILE\n"
 "  -D, --debug LIST      debug categories: nbd,io,control,fuse,bus or all\n"
@@ -93,7 +99,7 @@ static void set_dir(char *dst, size_t len, const char *src)
 
 static void parse_args(int argc, char **argv)
 {
-  enum { O_STATE = 256, O_RUN, O_LISTEN, O_PID, O_HS, O_MAXC, O_THREADS, O_QUEUES };
+  enum { O_STATE = 256, O_RUN, O_LISTEN, O_PID, O_HS, O_MAXC, O_THREADS, O_QUEUES, O_PLUGIN_DIR };
   static const struct option longopts[] = {
     { "state-dir", required_argument, NULL, O_STATE },
     { "run-dir", required_argument, NULL, O_RUN },
@@ -103,6 +109,7 @@ static void parse_args(int argc, char **argv)
     { "max-connections", required_argument, NULL, O_MAXC },
     { "threads", required_argument, NULL, O_THREADS },
     { "queues", required_argument, NULL, O_QUEUES },
+    { "plugin-dir", required_argument, NULL, O_PLUGIN_DIR },
     { "foreground", no_argument, NULL, 'f' },
     { "debug", required_argument, NULL, 'D' },
     { "verbose", no_argument, NULL, 'v' },
@@ -148,6 +155,11 @@ static void parse_args(int argc, char **argv)
       if (parse_uint(optarg, 256, &u) < 0 || u == 0)
         die_usage("--threads takes a number from 1 to 256, not '%s'", optarg);
       opt.workers = (int)u;
+      break;
+    case O_PLUGIN_DIR:
+      if (opt.nplugin_dirs == MAX_PLUGIN_DIRS)
+        die_usage("too many --plugin-dir (at most 16): %s", optarg);
+      opt.plugin_dirs[opt.nplugin_dirs++] = optarg;
       break;
     case 'f': opt.foreground = true; break;
     case 'D':
@@ -312,6 +324,22 @@ static int start_nbd(void)
   return 0;
 }
 
+/* Load the plugins of each --plugin-dir (an error if one cannot be read),
+ * or of the default directory (nothing if it does not exist). */
+static int load_plugins(void)
+{
+  static const char *const def[] = { VDB_PLUGIN_DIR };
+  const char *const *dirs = opt.nplugin_dirs ? opt.plugin_dirs : def;
+  int n = opt.nplugin_dirs ? opt.nplugin_dirs : 1, r;
+
+  for (int i = 0; i < n; i++)
+    if ((r = vdb_backend_plugins_load(dirs[i], opt.nplugin_dirs > 0)) < 0) {
+      vdb_err("%s", vdb_get_error());
+      return r;
+    }
+  return 0;
+}
+
 static void on_bus_change(void) { vdb_state_save(); }
 
 static int start(void)
@@ -325,6 +353,8 @@ static int start(void)
     return -1;
   if ((r = check_not_running(sock)) < 0)
     exit(1);
+  if ((r = load_plugins()) < 0)
+    return r;
   if (!opt.foreground)
     daemonize();
   if ((r = vdb_loop_create(&main_loop)) < 0 || (r = setup_signals()) < 0)
@@ -368,6 +398,7 @@ static void stop(void)
   vdb_nbd_shutdown(30000);
   vdb_bus_on_change = NULL;   /* keep bus.json as it is: disks come back */
   vdb_bus_unplug_all();
+  vdb_backend_plugins_unload();
   vdb_workers_stop();
   if (opt.pid_file)
     unlink(opt.pid_file);
