@@ -1,750 +1,46 @@
 /* vdbus — backend "nbd": a disk whose data lives on a remote NBD server.
  *
- * The NBD client is libnbd.  Each connection is a thread running its own
- * libnbd handle in a poll loop (nbd_aio_get_fd / get_direction / notify_*)
- * plus an eventfd for wake-ups.  Requests arrive on any thread, go onto the
- * queue of the least-loaded live connection, and are issued from that
- * connection's thread into a fixed array of slots (no allocation per
- * request).  Requests larger than the server's maximum block size are
- * issued in chunks, one after the other.
+ * The NBD client is libnbd (nbd_aio_connect_uri: every URI form libnbd
+ * knows, TLS included).  This file: parameters, open (the first connection
+ * learns what the export offers), close, and the data-path entry, which
+ * queues each request on the least-loaded live connection.  The connection
+ * threads are in nbd-conn.c.
  *
  * Failure: a dead connection (EOF, reset, protocol error, NBD_ESHUTDOWN)
- * is closed and reopened with exponential backoff (100 ms doubling to 5 s).
- * Its commands in flight go back to a queue and are reissued on the next
- * live connection.  A request waits for a live connection at most `timeout`
- * seconds from its submission, then fails with -EIO; a slow but live server
- * is not a failure.  A server's error reply completes the request with that
- * errno.  A reconnection that finds a different export (size or
- * capabilities changed) is refused and retried.
- *
- * Threads and locks: conn->lock protects the conn's queue only; the libnbd
- * handle and the slots belong to the connection thread.  libnbd callbacks
- * record results in the slot; the thread acts on them after the libnbd
- * call returns (never calling libnbd from inside a callback). */
+ * is reopened with exponential backoff (100 ms doubling to 5 s); its
+ * commands in flight are reissued.  A request waits for a live connection
+ * at most `timeout` seconds from its submission, then fails with -EIO; a
+ * slow but live server is not a failure.  A server's error reply completes
+ * the request with that errno.  A reconnection that finds a different
+ * export (size or capabilities changed) is refused and retried. */
 #include <errno.h>
-#include <inttypes.h>
-#include <poll.h>
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <time.h>
 #include <unistd.h>
 
-#include <libnbd.h>
-
-#include <vdbus/backend.h>
+#include "backends/nbd.h"
 #include "backends/registry.h"
 #include "common/log.h"
-
-#define NBDB_MAX_CONNS      16
-#define NBDB_DEFAULT_CONNS  4          /* when the server offers multi-conn */
-#define NBDB_SLOTS          64         /* commands in flight per connection */
-#define NBDB_DATA_CHUNK     (32u << 20) /* largest read/write command */
-#define NBDB_OTHER_CHUNK    (1u << 30) /* largest trim/zero/cache/block status */
-#define NBDB_BACKOFF_MIN_MS 100
-#define NBDB_BACKOFF_MAX_MS 5000
-#define NBDB_TICK_MS        100        /* expiry checks while disconnected */
-#define NBDB_DEFAULT_TIMEOUT 30
-#define NBDB_MAX_TIMEOUT    3600
-
-/* What the export offers; must be the same on every reconnection. */
-struct nbdb_export {
-  uint64_t size;
-  bool readonly, can_flush, can_fua, can_trim, can_zero, can_fast_zero, can_cache,
-       can_extents, can_multi_conn;
-  uint32_t min_block, pref_block, max_block; /* 0: not advertised */
-};
-
-/* One command in flight (or one request between its chunks). */
-struct nbdb_slot {
-  struct vdb_req *req;   /* NULL when free */
-  uint64_t len;          /* bytes the command in flight covers */
-  bool done;             /* its completion callback ran (or submission failed) */
-  int err;               /* positive errno of the result, 0 on success */
-};
-
-struct nbdb;
-
-struct nbdb_conn {
-  struct nbdb *nb;
-  int idx;
-  pthread_t thread;
-  bool started;
-  int efd;                       /* eventfd: wakes the thread */
-  pthread_mutex_t lock;          /* protects head and tail */
-  struct vdb_req *head, *tail;   /* waiting to be issued */
-  atomic_int load;               /* queued + in flight */
-  atomic_bool live;              /* connected; touched only by the thread */
-  /* Connection-thread only: */
-  struct nbd_handle *h;
-  bool broken;                   /* reconnect (server said ESHUTDOWN, poll failed) */
-  bool ever_live;
-  struct nbdb_slot slots[NBDB_SLOTS];
-  unsigned free_idx[NBDB_SLOTS]; /* stack of free slot indices */
-  unsigned nfree;
-};
-
-struct nbdb {
-  char *uri;
-  uint64_t timeout_ns;
-  int nconns;
-  struct nbdb_export exp;
-  uint64_t data_chunk;           /* read/write command size limit */
-  atomic_bool closing;
-  struct nbdb_conn conns[];
-};
-
-/* Per-request state, in req->backend_priv. */
-struct nbdb_rs {
-  struct vdb_req *next;  /* queue link */
-  uint64_t deadline;     /* CLOCK_MONOTONIC ns: latest time to reach a live connection */
-  uint64_t done;         /* bytes acknowledged so far */
-  bool fua_flush;        /* data acknowledged; the flush of an emulated FUA is next */
-};
-_Static_assert(sizeof(struct nbdb_rs) <= sizeof(((struct vdb_req *)0)->backend_priv),
-               "nbdb_rs must fit in backend_priv");
-
-static struct nbdb_rs *rs_of(struct vdb_req *req)
-{
-  return (struct nbdb_rs *)req->backend_priv;
-}
-
-static uint64_t now_ns(void)
-{
-  struct timespec ts;
-
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static void conn_wake(struct nbdb_conn *c)
-{
-  uint64_t one = 1;
-
-  while (write(c->efd, &one, sizeof one) < 0 && errno == EINTR)
-    ;
-}
-
-static void conn_drain(struct nbdb_conn *c)
-{
-  uint64_t v;
-
-  while (read(c->efd, &v, sizeof v) < 0 && errno == EINTR)
-    ;
-}
-
-/* ---- queues ---- */
-
-/* Append req to c's queue and wake c's thread if the queue was empty. */
-static void conn_push(struct nbdb_conn *c, struct vdb_req *req)
-{
-  bool was_empty;
-
-  rs_of(req)->next = NULL;
-  atomic_fetch_add(&c->load, 1);
-  pthread_mutex_lock(&c->lock);
-  was_empty = !c->head;
-  if (c->tail)
-    rs_of(c->tail)->next = req;
-  else
-    c->head = req;
-  c->tail = req;
-  pthread_mutex_unlock(&c->lock);
-  if (was_empty)
-    conn_wake(c);
-}
-
-/* The least-loaded live connection other than avoid, else (none live) the
- * least-loaded one of all. */
-static struct nbdb_conn *nbdb_pick(struct nbdb *nb, const struct nbdb_conn *avoid)
-{
-  struct nbdb_conn *best = NULL, *any = NULL;
-
-  for (int i = 0; i < nb->nconns; i++) {
-    struct nbdb_conn *c = &nb->conns[i];
-    int l = atomic_load(&c->load);
-    if (!any || l < atomic_load(&any->load))
-      any = c;
-    if (c != avoid && atomic_load(&c->live) && (!best || l < atomic_load(&best->load)))
-      best = c;
-  }
-  return best ? best : any;
-}
-
-/* Take up to max requests off c's queue (in order) into a local list. */
-static struct vdb_req *conn_pop(struct nbdb_conn *c, unsigned max)
-{
-  struct vdb_req *first, *last = NULL;
-  unsigned n = 0;
-
-  pthread_mutex_lock(&c->lock);
-  first = c->head;
-  for (struct vdb_req *r = first; r && n < max; r = rs_of(r)->next, n++)
-    last = r;
-  if (last) {
-    c->head = rs_of(last)->next;
-    if (!c->head)
-      c->tail = NULL;
-    rs_of(last)->next = NULL;
-  } else {
-    first = NULL;
-  }
-  pthread_mutex_unlock(&c->lock);
-  return first;
-}
-
-/* Complete a request that c was carrying. */
-static void conn_complete(struct nbdb_conn *c, struct vdb_req *req, int err)
-{
-  atomic_fetch_sub(&c->load, 1);
-  vdb_req_complete(req, err);
-}
-
-/* Move req from c to the best connection (c's load drops, the other's rises). */
-static void conn_requeue(struct nbdb_conn *c, struct vdb_req *req)
-{
-  struct nbdb_conn *to = nbdb_pick(c->nb, c);
-
-  atomic_fetch_sub(&c->load, 1);
-  conn_push(to, req);
-}
-
-/* ---- connecting ---- */
-
-/* Read what the export offers from a connected handle; 0 or -1 (libnbd error). */
-static int export_probe(struct nbd_handle *h, struct nbdb_export *e)
-{
-  int64_t size = nbd_get_size(h), v[3];
-  int f[9];
-
-  memset(e, 0, sizeof *e);
-  f[0] = nbd_is_read_only(h);
-  f[1] = nbd_can_flush(h);
-  f[2] = nbd_can_fua(h);
-  f[3] = nbd_can_trim(h);
-  f[4] = nbd_can_zero(h);
-  f[5] = nbd_can_fast_zero(h);
-  f[6] = nbd_can_cache(h);
-  f[7] = nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION);
-  f[8] = nbd_can_multi_conn(h);
-  for (int i = 0; i < 3; i++)
-    v[i] = nbd_get_block_size(h, i);
-  if (size < 0 || v[0] < 0 || v[1] < 0 || v[2] < 0)
-    return -1;
-  for (int i = 0; i < 9; i++)
-    if (f[i] < 0)
-      return -1;
-  e->size = (uint64_t)size;
-  e->readonly = f[0], e->can_flush = f[1], e->can_fua = f[2], e->can_trim = f[3];
-  e->can_zero = f[4], e->can_fast_zero = f[5], e->can_cache = f[6];
-  e->can_extents = f[7], e->can_multi_conn = f[8];
-  e->min_block = (uint32_t)v[LIBNBD_SIZE_MINIMUM];
-  e->pref_block = (uint32_t)v[LIBNBD_SIZE_PREFERRED];
-  e->max_block = (uint32_t)v[LIBNBD_SIZE_MAXIMUM];
-  return 0;
-}
-
-/* A positive errno for libnbd's last error on this thread. */
-static int nbd_errno_or(int dflt)
-{
-  int e = nbd_get_errno();
-
-  return e > 0 ? e : dflt;
-}
-
-static void conn_expire(struct nbdb_conn *c);
-
-/* Connect a new handle to uri, waiting at most timeout_ms; while waiting,
- * c (if not NULL) keeps expiring its queue.  Returns the handle, or NULL
- * with *err (positive errno) and msg (libnbd's message) set. */
-static struct nbd_handle *nbdb_connect(struct nbdb *nb, const char *uri, struct nbdb_conn *c,
-                                       uint64_t timeout_ms, int *err, char *msg, size_t msglen)
-{
-  uint64_t deadline = now_ns() + timeout_ms * 1000000u;
-  struct nbd_handle *h = nbd_create();
-
-  if (!h)
-    goto fail;
-  if (nbd_set_uri_allow_local_file(h, true) < 0 ||
-      nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0 ||
-      nbd_set_pread_initialize(h, false) < 0 || nbd_aio_connect_uri(h, uri) < 0)
-    goto fail;
-  while (nbd_aio_is_ready(h) != 1) {
-    struct pollfd p[2] = { { nbd_aio_get_fd(h), 0, 0 }, { c ? c->efd : -1, POLLIN, 0 } };
-    unsigned dir = nbd_aio_get_direction(h);
-    uint64_t t = now_ns();
-    int r;
-
-    if (nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1 || p[0].fd < 0)
-      goto fail;
-    if ((nb && atomic_load(&nb->closing)) || t >= deadline) {
-      *err = t >= deadline ? ETIMEDOUT : ESHUTDOWN;
-      snprintf(msg, msglen, "%s", t >= deadline ? "timed out connecting" : "closing");
-      nbd_close(h);
-      return NULL;
-    }
-    p[0].events = (short)(((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
-                          ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0));
-    r = poll(p, 2, NBDB_TICK_MS);
-    if (r < 0 && errno != EINTR) {
-      *err = errno;
-      snprintf(msg, msglen, "poll: %s", strerror(errno));
-      nbd_close(h);
-      return NULL;
-    }
-    if (p[1].revents & POLLIN)
-      conn_drain(c);
-    if (c)
-      conn_expire(c);
-    if (p[0].revents & (POLLIN | POLLHUP | POLLERR))
-      nbd_aio_notify_read(h);
-    else if (p[0].revents & POLLOUT)
-      nbd_aio_notify_write(h);
-  }
-  return h;
-
-fail:
-  *err = nbd_errno_or(EIO);
-  snprintf(msg, msglen, "%s", nbd_get_error() ? nbd_get_error() : strerror(*err));
-  nbd_close(h);
-  return NULL;
-}
-
-/* Fail c's queued requests whose time is up (-EIO) or whose disk is going
- * away (-ESHUTDOWN); move the others to a live connection if there is one.
- * Connection thread, while c is not connected. */
-static void conn_expire(struct nbdb_conn *c)
-{
-  struct nbdb *nb = c->nb;
-  struct vdb_req *list = conn_pop(c, ~0u), *keep = NULL, *keep_tail = NULL;
-  uint64_t t = now_ns();
-  unsigned expired = 0;
-
-  while (list) {
-    struct vdb_req *req = list;
-    struct nbdb_conn *to;
-    list = rs_of(req)->next;
-    rs_of(req)->next = NULL;
-    if (vdb_req_cancelled(req) || atomic_load(&nb->closing)) {
-      conn_complete(c, req, -ESHUTDOWN);
-    } else if (t >= rs_of(req)->deadline) {
-      expired++;
-      conn_complete(c, req, -EIO);
-    } else if ((to = nbdb_pick(nb, c)) != c && atomic_load(&to->live)) {
-      conn_requeue(c, req);
-    } else {
-      if (keep_tail)
-        rs_of(keep_tail)->next = req;
-      else
-        keep = req;
-      keep_tail = req;
-    }
-  }
-  if (expired)
-    vdb_warn("nbd backend: %s: %u request(s) failed with EIO: no connection for %" PRIu64 " s",
-             nb->uri, expired, nb->timeout_ns / 1000000000u);
-  if (!keep)
-    return;
-  /* Put the rest back in front of anything queued meanwhile. */
-  pthread_mutex_lock(&c->lock);
-  rs_of(keep_tail)->next = c->head;
-  if (!c->head)
-    c->tail = keep_tail;
-  c->head = keep;
-  pthread_mutex_unlock(&c->lock);
-}
-
-/* Sleep ms on c's eventfd, expiring the queue every tick.  Returns early
- * when closing. */
-static void conn_backoff(struct nbdb_conn *c, unsigned ms)
-{
-  uint64_t end = now_ns() + (uint64_t)ms * 1000000u;
-
-  while (!atomic_load(&c->nb->closing)) {
-    struct pollfd p = { c->efd, POLLIN, 0 };
-    uint64_t t = now_ns();
-    if (t >= end)
-      break;
-    if (poll(&p, 1, NBDB_TICK_MS) > 0)
-      conn_drain(c);
-    conn_expire(c);
-  }
-}
-
-/* What differs between the export at plug time and now, or NULL. */
-static const char *export_diff(const struct nbdb_export *a, const struct nbdb_export *b)
-{
-  if (a->size != b->size)
-    return "the export size changed";
-  if (a->readonly != b->readonly)
-    return "the export's read-only flag changed";
-  if (a->min_block != b->min_block || a->max_block != b->max_block)
-    return "the export's block size constraints changed";
-  if (a->can_flush != b->can_flush || a->can_fua != b->can_fua || a->can_trim != b->can_trim ||
-      a->can_zero != b->can_zero || a->can_fast_zero != b->can_fast_zero ||
-      a->can_cache != b->can_cache || a->can_extents != b->can_extents ||
-      a->can_multi_conn != b->can_multi_conn)
-    return "the export's capabilities changed";
-  return NULL;
-}
-
-/* Connect c again, with backoff, until it works or the backend closes.
- * Connection thread. */
-static void conn_reconnect(struct nbdb_conn *c)
-{
-  struct nbdb *nb = c->nb;
-  unsigned backoff = NBDB_BACKOFF_MIN_MS, fails = 0;
-
-  while (!atomic_load(&nb->closing)) {
-    struct nbdb_export e;
-    char msg[256];
-    const char *why = NULL;
-    int err;
-    struct nbd_handle *h = nbdb_connect(nb, nb->uri, c, nb->timeout_ns / 1000000u, &err,
-                                        msg, sizeof msg);
-    if (h && export_probe(h, &e) < 0) {
-      snprintf(msg, sizeof msg, "%s", nbd_get_error() ? nbd_get_error() : "probe failed");
-      why = msg;
-    } else if (h) {
-      why = export_diff(&nb->exp, &e);
-    } else if (!atomic_load(&nb->closing)) {
-      why = msg;
-    }
-    if (h && !why) {
-      c->h = h;
-      c->broken = false;
-      atomic_store(&c->live, true);
-      if (c->ever_live || fails)
-        vdb_info("nbd backend: %s: connection %d up again", nb->uri, c->idx);
-      c->ever_live = true;
-      conn_wake(c);
-      return;
-    }
-    if (h)
-      nbd_close(h);
-    if (why && fails % 12 == 0)
-      vdb_warn("nbd backend: %s: connection %d: cannot reconnect: %s (retrying)", nb->uri,
-               c->idx, why);
-    fails++;
-    conn_backoff(c, backoff);
-    backoff = backoff * 2 > NBDB_BACKOFF_MAX_MS ? NBDB_BACKOFF_MAX_MS : backoff * 2;
-  }
-}
-
-/* ---- issuing commands (connection thread) ---- */
-
-static int nbdb_cmd_done(void *user_data, int *error)
-{
-  struct nbdb_slot *s = user_data;
-
-  s->done = true;
-  s->err = *error;
-  return 1;
-}
-
-/* Copy the base:allocation extents of a reply into the request. */
-static int nbdb_extents(void *user_data, const char *metacontext, uint64_t offset,
-                        uint32_t *entries, size_t nr_entries, int *error)
-{
-  struct nbdb_slot *s = user_data;
-  struct vdb_req *req = s->req;
-  uint64_t total = 0;
-
-  if (strcmp(metacontext, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0)
-    return 0;
-  for (uint32_t i = 0; i < req->nr_extents; i++)
-    total += req->extents[i].length;
-  for (size_t i = 0; i + 1 < nr_entries && total < s->len; i += 2) {
-    uint64_t len = entries[i];
-    uint32_t flags = entries[i + 1] & (VDB_EXTENT_HOLE | VDB_EXTENT_ZERO);
-    struct vdb_extent *e = &req->extents[req->nr_extents];
-    if (len == 0)
-      continue;
-    if (len > s->len - total)
-      len = s->len - total;
-    total += len;
-    if (req->nr_extents > 0 && e[-1].flags == flags) {
-      e[-1].length += len;
-      continue;
-    }
-    if (req->nr_extents >= req->max_extents)
-      break;
-    e->length = len;
-    e->flags = flags;
-    req->nr_extents++;
-    if (req->flags & VDB_REQ_ONE)
-      break;
-  }
-  return 0;
-}
-
-static uint64_t min_u64(uint64_t a, uint64_t b)
-{
-  return a < b ? a : b;
-}
-
-/* Issue the next command of s->req on c.  On a failed submission the slot
- * is marked done with libnbd's errno. */
-static void slot_issue(struct nbdb_conn *c, struct nbdb_slot *s)
-{
-  struct nbdb *nb = c->nb;
-  struct vdb_req *req = s->req;
-  struct nbdb_rs *rs = rs_of(req);
-  nbd_completion_callback cb = { .callback = nbdb_cmd_done, .user_data = s };
-  uint64_t off = req->offset + rs->done, left = req->len - rs->done;
-  uint32_t fua = (req->flags & VDB_REQ_FUA) && nb->exp.can_fua ? LIBNBD_CMD_FLAG_FUA : 0;
-  int64_t r;
-
-  s->done = false;
-  s->err = 0;
-  s->len = min_u64(left, req->type == VDB_REQ_READ || req->type == VDB_REQ_WRITE ?
-                   nb->data_chunk : NBDB_OTHER_CHUNK);
-  if (rs->fua_flush) {
-    s->len = 0;
-    r = nbd_aio_flush(c->h, cb, 0);
-  } else switch (req->type) {
-  case VDB_REQ_READ:
-    r = nbd_aio_pread(c->h, (uint8_t *)req->buf + rs->done, s->len, off, cb, 0);
-    break;
-  case VDB_REQ_WRITE:
-    r = nbd_aio_pwrite(c->h, (uint8_t *)req->buf + rs->done, s->len, off, cb, fua);
-    break;
-  case VDB_REQ_FLUSH:
-    r = nbd_aio_flush(c->h, cb, 0);
-    break;
-  case VDB_REQ_TRIM:
-    r = nbd_aio_trim(c->h, s->len, off, cb, fua);
-    break;
-  case VDB_REQ_WRITE_ZEROES:
-    r = nbd_aio_zero(c->h, s->len, off, cb, fua |
-                     ((req->flags & VDB_REQ_NO_HOLE) ? LIBNBD_CMD_FLAG_NO_HOLE : 0) |
-                     ((req->flags & VDB_REQ_FAST_ZERO) ? LIBNBD_CMD_FLAG_FAST_ZERO : 0));
-    break;
-  case VDB_REQ_CACHE:
-    r = nbd_aio_cache(c->h, s->len, off, cb, 0);
-    break;
-  case VDB_REQ_BLOCK_STATUS:
-    req->nr_extents = 0;
-    r = nbd_aio_block_status(c->h, s->len, off,
-                             (nbd_extent_callback){ .callback = nbdb_extents, .user_data = s },
-                             cb, (req->flags & VDB_REQ_ONE) ? LIBNBD_CMD_FLAG_REQ_ONE : 0);
-    break;
-  default:
-    r = -1;
-    break;
-  }
-  if (r < 0) {
-    s->done = true;
-    s->err = req->type < VDB_REQ_NR_TYPES ? nbd_errno_or(EIO) : EINVAL;
-  }
-}
-
-/* Does this request need a flush after its data (FUA the server lacks)? */
-static bool needs_fua_flush(const struct nbdb *nb, const struct vdb_req *req)
-{
-  return (req->flags & VDB_REQ_FUA) && !nb->exp.can_fua && nb->exp.can_flush &&
-         (req->type == VDB_REQ_WRITE || req->type == VDB_REQ_TRIM ||
-          req->type == VDB_REQ_WRITE_ZEROES);
-}
-
-static void slot_free(struct nbdb_conn *c, struct nbdb_slot *s)
-{
-  s->req = NULL;
-  c->free_idx[c->nfree++] = (unsigned)(s - c->slots);
-}
-
-/* The command in s finished successfully: issue the next part of its
- * request, or complete it. */
-static void slot_advance(struct nbdb_conn *c, struct nbdb_slot *s)
-{
-  struct vdb_req *req = s->req;
-  struct nbdb_rs *rs = rs_of(req);
-  int err = 0;
-
-  if (!rs->fua_flush && req->type != VDB_REQ_FLUSH && req->type != VDB_REQ_BLOCK_STATUS) {
-    rs->done += s->len;
-    if (rs->done < req->len) {
-      slot_issue(c, s);
-      return;
-    }
-    if (needs_fua_flush(c->nb, req)) {
-      rs->fua_flush = true;
-      slot_issue(c, s);
-      return;
-    }
-  }
-  if (req->type == VDB_REQ_BLOCK_STATUS && req->nr_extents == 0)
-    err = -EIO; /* the server described nothing */
-  slot_free(c, s);
-  conn_complete(c, req, err);
-}
-
-/* Act on the slots whose command finished.  Returns true if one was issued
- * again (its completion may already be pending). */
-static bool conn_reap(struct nbdb_conn *c)
-{
-  bool again = false;
-
-  for (unsigned i = 0; i < NBDB_SLOTS; i++) {
-    struct nbdb_slot *s = &c->slots[i];
-    struct vdb_req *req = s->req;
-    if (!req || !s->done)
-      continue;
-    if (s->err == 0) {
-      slot_advance(c, s);
-      again |= s->req != NULL && s->done;
-    } else if (s->err == ENOTCONN || s->err == ESHUTDOWN || nbd_aio_is_dead(c->h) == 1 ||
-               nbd_aio_is_closed(c->h) == 1) {
-      /* The connection, not the server's answer: do it again elsewhere. */
-      c->broken = true;
-      slot_free(c, s);
-      conn_requeue(c, req);
-    } else {
-      slot_free(c, s);
-      conn_complete(c, req, -s->err);
-    }
-  }
-  return again;
-}
-
-/* Move queued requests into free slots and issue them. */
-static void conn_take(struct nbdb_conn *c)
-{
-  struct vdb_req *list;
-
-  if (c->nfree == 0 || c->broken)
-    return;
-  list = conn_pop(c, c->nfree);
-  while (list) {
-    struct nbdb_slot *s = &c->slots[c->free_idx[--c->nfree]];
-    s->req = list;
-    list = rs_of(list)->next;
-    slot_issue(c, s);
-  }
-}
-
-static bool conn_dead(struct nbdb_conn *c)
-{
-  return c->broken || nbd_aio_is_dead(c->h) == 1 || nbd_aio_is_closed(c->h) == 1;
-}
-
-/* A disk being unplugged must not wait forever for a server that stopped
- * answering: once a command of such a disk is past its deadline, give up
- * on the connection (its requests then fail with -ESHUTDOWN). */
-static void conn_check_stuck(struct nbdb_conn *c)
-{
-  uint64_t t = now_ns();
-
-  for (unsigned i = 0; i < NBDB_SLOTS; i++) {
-    struct vdb_req *req = c->slots[i].req;
-    if (req && vdb_req_cancelled(req) && t >= rs_of(req)->deadline) {
-      vdb_warn("nbd backend: %s: server not answering while unplugging: dropping connection %d",
-               c->nb->uri, c->idx);
-      c->broken = true;
-      return;
-    }
-  }
-}
-
-/* Serve c's live connection until it dies or the backend closes. */
-static void conn_serve(struct nbdb_conn *c)
-{
-  while (!atomic_load(&c->nb->closing)) {
-    struct pollfd p[2] = { { nbd_aio_get_fd(c->h), 0, 0 }, { c->efd, POLLIN, 0 } };
-    unsigned dir;
-
-    conn_take(c);
-    while (conn_reap(c))
-      ;
-    if (conn_dead(c) || p[0].fd < 0)
-      return;
-    dir = nbd_aio_get_direction(c->h);
-    p[0].events = (short)(((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
-                          ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0));
-    if (poll(p, 2, c->nfree < NBDB_SLOTS ? 1000 : -1) < 0) {
-      if (errno == EINTR)
-        continue;
-      vdb_warn("nbd backend: %s: poll: %s", c->nb->uri, strerror(errno));
-      c->broken = true;
-      continue;
-    }
-    if (p[1].revents & POLLIN)
-      conn_drain(c);
-    if (p[0].revents & POLLNVAL)
-      c->broken = true;
-    else if (p[0].revents & (POLLIN | POLLHUP | POLLERR))
-      nbd_aio_notify_read(c->h);
-    else if (p[0].revents & POLLOUT)
-      nbd_aio_notify_write(c->h);
-    if (c->nfree < NBDB_SLOTS)
-      conn_check_stuck(c);
-  }
-}
-
-/* Close c's dead handle; every command it had in flight goes back to a
- * queue (a result already recorded is acted on first). */
-static void conn_drop(struct nbdb_conn *c)
-{
-  unsigned n = 0;
-
-  while (conn_reap(c))
-    ;
-  atomic_store(&c->live, false);
-  if (!atomic_load(&c->nb->closing))
-    vdb_warn("nbd backend: %s: connection %d lost: %s", c->nb->uri, c->idx,
-             nbd_get_error() ? nbd_get_error() : "closed");
-  nbd_close(c->h);
-  c->h = NULL;
-  for (unsigned i = 0; i < NBDB_SLOTS; i++) {
-    struct nbdb_slot *s = &c->slots[i];
-    struct vdb_req *req = s->req;
-    if (!req)
-      continue;
-    slot_free(c, s);
-    conn_requeue(c, req);
-    n++;
-  }
-  if (n)
-    vdb_dbg(VDB_DBG_IO, "nbd backend: %s: %u request(s) to reissue", c->nb->uri, n);
-}
-
-static void *conn_thread(void *arg)
-{
-  struct nbdb_conn *c = arg;
-
-  while (!atomic_load(&c->nb->closing)) {
-    if (!c->h) {
-      conn_reconnect(c);
-      continue;
-    }
-    conn_serve(c);
-    if (!atomic_load(&c->nb->closing))
-      conn_drop(c);
-  }
-  return NULL;
-}
 
 /* ---- the data path (any thread) ---- */
 
 static void nbdb_submit(void *handle, struct vdb_req *req)
 {
   struct nbdb *nb = handle;
-  struct nbdb_rs *rs = rs_of(req);
+  struct nbdb_rs *rs = nbdb_rs_of(req);
 
   if (req->type == VDB_REQ_WRITE_ZEROES && (req->flags & VDB_REQ_FAST_ZERO) &&
       !nb->exp.can_fast_zero) {
     vdb_req_complete(req, -ENOTSUP);
     return;
   }
-  rs->deadline = now_ns() + nb->timeout_ns;
+  rs->deadline = nbdb_now_ns() + nb->timeout_ns;
   rs->done = 0;
   rs->fua_flush = false;
-  conn_push(nbdb_pick(nb, NULL), req);
+  nbdb_conn_push(nbdb_pick(nb, NULL), req);
 }
-
 /* ---- open and close ---- */
 
 static int parse_uint(const struct vdb_params *params, const char *key, unsigned lo,
@@ -790,7 +86,7 @@ static void nbdb_close(void *handle)
   atomic_store(&nb->closing, true);
   for (int i = 0; i < nb->nconns; i++)
     if (nb->conns[i].efd >= 0)
-      conn_wake(&nb->conns[i]);
+      nbdb_conn_wake(&nb->conns[i]);
   for (int i = 0; i < nb->nconns; i++) {
     struct nbdb_conn *c = &nb->conns[i];
     struct vdb_req *list;
@@ -801,10 +97,10 @@ static void nbdb_close(void *handle)
     for (unsigned k = 0; k < NBDB_SLOTS; k++)
       if (c->slots[k].req)
         vdb_req_complete(c->slots[k].req, -ESHUTDOWN);
-    list = c->efd >= 0 ? conn_pop(c, ~0u) : NULL;
+    list = c->efd >= 0 ? nbdb_conn_pop(c, ~0u) : NULL;
     while (list) {
       struct vdb_req *req = list;
-      list = rs_of(req)->next;
+      list = nbdb_rs_of(req)->next;
       vdb_req_complete(req, -ESHUTDOWN);
     }
     if (c->efd >= 0) {
@@ -852,8 +148,8 @@ static int nbdb_first_connect(const char *uri, unsigned timeout, struct nbd_hand
     vdb_set_error("nbd backend: cannot connect to %s: %s", uri, msg);
     return -err;
   }
-  if (export_probe(h, e) < 0) {
-    err = nbd_errno_or(EIO);
+  if (nbdb_export_probe(h, e) < 0) {
+    err = nbdb_errno_or(EIO);
     vdb_set_error("nbd backend: %s: %s", uri, nbd_get_error() ? nbd_get_error() : "probe failed");
     nbd_close(h);
     return -err;
@@ -889,7 +185,7 @@ static int nbdb_start(struct nbdb *nb)
     }
   }
   for (int i = 0; i < nb->nconns; i++) {
-    int r = pthread_create(&nb->conns[i].thread, NULL, conn_thread, &nb->conns[i]);
+    int r = pthread_create(&nb->conns[i].thread, NULL, nbdb_conn_thread, &nb->conns[i]);
     if (r) {
       vdb_set_error("nbd backend: cannot start a thread: %s", strerror(r));
       return -r;
