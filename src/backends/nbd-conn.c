@@ -292,12 +292,22 @@ static const char *export_diff(const struct nbdb_export *a, const struct nbdb_ex
   return NULL;
 }
 
+/* The longest pause between attempts: 5 s, or a quarter of the request
+ * timeout if that is shorter (so that a short outage fits in it). */
+static unsigned nbdb_backoff_max(const struct nbdb *nb)
+{
+  uint64_t q = nb->timeout_ns / 4000000u;
+
+  return q < NBDB_BACKOFF_MIN_MS ? NBDB_BACKOFF_MIN_MS :
+         q > NBDB_BACKOFF_MAX_MS ? NBDB_BACKOFF_MAX_MS : (unsigned)q;
+}
+
 /* Connect c again, with backoff, until it works or the backend closes.
  * Connection thread. */
 static void conn_reconnect(struct nbdb_conn *c)
 {
   struct nbdb *nb = c->nb;
-  unsigned backoff = NBDB_BACKOFF_MIN_MS, fails = 0;
+  unsigned backoff = NBDB_BACKOFF_MIN_MS, fails = 0, max = nbdb_backoff_max(nb);
 
   while (!atomic_load(&nb->closing)) {
     struct nbdb_export e;
@@ -331,7 +341,7 @@ static void conn_reconnect(struct nbdb_conn *c)
                c->idx, why);
     fails++;
     conn_backoff(c, backoff);
-    backoff = backoff * 2 > NBDB_BACKOFF_MAX_MS ? NBDB_BACKOFF_MAX_MS : backoff * 2;
+    backoff = backoff * 2 > max ? max : backoff * 2;
   }
 }
 /* ---- issuing commands (connection thread) ---- */
