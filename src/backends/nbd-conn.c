@@ -174,13 +174,14 @@ struct nbd_handle *nbdb_connect(struct nbdb *nb, const char *uri, struct nbdb_co
       nbd_set_pread_initialize(h, false) < 0 || nbd_aio_connect_uri(h, uri) < 0)
     goto fail;
   while (nbd_aio_is_ready(h) != 1) {
-    struct pollfd p[2] = { { nbd_aio_get_fd(h), 0, 0 }, { c ? c->efd : -1, POLLIN, 0 } };
-    unsigned dir = nbd_aio_get_direction(h);
+    struct pollfd p[2] = { { -1, 0, 0 }, { c ? c->efd : -1, POLLIN, 0 } };
     uint64_t t = nbdb_now_ns();
+    unsigned dir;
     int r;
 
-    if (nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1 || p[0].fd < 0)
+    if (nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1 || (p[0].fd = nbd_aio_get_fd(h)) < 0)
       goto fail;
+    dir = nbd_aio_get_direction(h);
     if ((nb && atomic_load(&nb->closing)) || t >= deadline) {
       *err = t >= deadline ? ETIMEDOUT : ESHUTDOWN;
       snprintf(msg, msglen, "%s", t >= deadline ? "timed out connecting" : "closing");
@@ -308,6 +309,7 @@ static void conn_reconnect(struct nbdb_conn *c)
 {
   struct nbdb *nb = c->nb;
   unsigned backoff = NBDB_BACKOFF_MIN_MS, fails = 0, max = nbdb_backoff_max(nb);
+  char last[256] = "";
 
   while (!atomic_load(&nb->closing)) {
     struct nbdb_export e;
@@ -336,9 +338,12 @@ static void conn_reconnect(struct nbdb_conn *c)
     }
     if (h)
       nbd_close(h);
-    if (why && fails % 12 == 0)
+    /* Log a new reason at once, the same one again about once a minute. */
+    if (why && (strcmp(why, last) != 0 || fails % 12 == 0)) {
       vdb_warn("nbd backend: %s: connection %d: cannot reconnect: %s (retrying)", nb->uri,
                c->idx, why);
+      snprintf(last, sizeof last, "%s", why);
+    }
     fails++;
     conn_backoff(c, backoff);
     backoff = backoff * 2 > max ? max : backoff * 2;

@@ -401,6 +401,139 @@ def t_server_restart(d, srv):
     h.shutdown()
 
 
+@case("capabilities follow the server: no zero, no cache, no FUA (emulated by a flush); "
+      "extents all data")
+@servers
+def t_caps(d, srv):
+    s = Server([], start=False)
+    srv.append(s)
+    logf = os.path.join(s.dir, "log.txt")
+    s.args = ["--filter=log", "--filter=fua", "--filter=nozero", "--filter=noextents",
+              "--filter=nocache", "memory", "8M", "logfile=" + logf,
+              "zeromode=none", "cachemode=none"]
+    # (fuamode=none is the fua filter's default and not accepted as a value here)
+    s.start()
+    d.plug("nbd", s.uri(), "--name", "c", "--attach", "none")
+    caps = d.info("c")["capabilities"]
+    eq((caps["zero"], caps["fast_zero"], caps["extents"], caps["trim"], caps["flush"], caps["fua"]),
+       (False, False, True, True, True, True), "capabilities %r" % caps)
+    h = d.nbd("c")
+    check(not h.can_zero() and not h.can_fast_zero(), "the vdbus export offers no zero")
+    h.pwrite(b"f" * 4096, 0, nbd.CMD_FLAG_FUA)
+    eq(extents(h, 8 * MiB), [(8 * MiB, 0)], "noextents server: all data")
+    h.cache(4096, 0)  # answered by vdbus: the server has no cache
+    h.shutdown()
+    with open(logf) as f:
+        log = f.read()
+    check(re.search(r"Write id=\d+ offset=0x0 count=0x1000 fua=0.*\n(.*\n)*.*Flush", log),
+          "an emulated FUA write is a write then a flush:\n" + log[-1500:])
+    check(not re.search(r"Zero|Cache", log), "no zero or cache sent:\n" + log[-1500:])
+
+    z = Server(["--filter=nozero", "memory", "8M", "fastzeromode=none"])
+    srv.append(z)
+    d.plug("nbd", z.uri(), "--name", "z", "--attach", "none")
+    caps = d.info("z")["capabilities"]
+    eq((caps["zero"], caps["fast_zero"]), (True, False), "zero without fast zero: %r" % caps)
+    h = d.nbd("z")
+    check(h.can_zero() and not h.can_fast_zero(), "the vdbus export: zero, no fast zero")
+    h.zero(MiB, 0)
+    h.shutdown()
+
+
+SLOW_FLUSH_SH = """#!/bin/sh
+# nbdkit sh plugin: a file whose flush hangs while $DIR/slow-flush exists.
+DIR=%s
+case "$1" in
+  get_size) stat -c %%s $DIR/disk.img ;;
+  pread) dd if=$DIR/disk.img iflag=skip_bytes,count_bytes skip=$4 count=$3 status=none ;;
+  pwrite) dd of=$DIR/disk.img oflag=seek_bytes conv=notrunc seek=$4 status=none ;;
+  can_write|can_flush|can_multi_conn) exit 0 ;;
+  thread_model) echo parallel ;;
+  flush) while [ -e $DIR/slow-flush ]; do sleep 0.1; done ;;
+  *) exit 2 ;;
+esac
+"""
+
+
+@case("a flush in flight when the server dies is reissued on the next connection")
+@servers
+def t_flush_reissued(d, srv):
+    s = Server([], start=False)
+    srv.append(s)
+    img = os.path.join(s.dir, "disk.img")
+    script = os.path.join(s.dir, "slow-flush.sh")
+    slow = os.path.join(s.dir, "slow-flush")
+    logf = os.path.join(s.dir, "log.txt")
+    with open(img, "wb") as f:
+        f.truncate(8 * MiB)
+    with open(script, "w") as f:
+        f.write(SLOW_FLUSH_SH % s.dir)
+    os.chmod(script, 0o755)
+    open(slow, "w").close()
+    s.args = ["--filter=log", "sh", script, "logfile=" + logf]
+    s.start()
+    d.plug("nbd", s.uri(), "--name", "p", "--attach", "none", "--timeout", "20")
+    h = d.nbd("p")
+    h.pwrite(b"2" * 4096, 4096)
+    fc = h.aio_flush()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 0.7:
+        h.poll(100)
+    check(not h.aio_command_completed(fc), "the flush completed while the server held it")
+    with open(logf) as f:
+        check("Flush" in f.read(), "the first server got the flush")
+    s.kill()
+    os.unlink(slow)
+    os.unlink(logf)
+    s.start()
+    deadline = time.monotonic() + 15
+    while h.aio_in_flight() > 0 and time.monotonic() < deadline:
+        h.poll(1000)
+    check(h.aio_command_completed(fc), "the flush completed (after being reissued)")
+
+    def logged():
+        with open(logf) as f:
+            return "Flush" in f.read()
+    wait_for(logged, timeout=5, what="the flush in the new server's log")
+    eq(h.pread(4096, 4096), b"2" * 4096, "the data")
+    h.shutdown()
+
+
+@case("a reconnection to an export whose size changed is refused; I/O fails after the timeout")
+@servers
+def t_size_changed(d, srv):
+    s = Server([], start=False)
+    srv.append(s)
+    img = os.path.join(s.dir, "disk.img")
+    with open(img, "wb") as f:
+        f.truncate(8 * MiB)
+    s.args = ["file", img]
+    s.start()
+    d.plug("nbd", s.uri(), "--name", "sz", "--attach", "none", "--timeout", "2",
+           "--connections", "1")
+    h = d.nbd("sz")
+    h.pwrite(b"a" * 4096, 0)
+    s.kill()
+    os.truncate(img, 16 * MiB)
+    s.start()
+    t0 = time.monotonic()
+    eq(nbd_errno(h.pread, 4096, 0), errno.EIO, "read while the export has another size")
+    took = time.monotonic() - t0
+    check(took <= 2 + 2.5, "EIO after %.2fs, --timeout is 2" % took)
+    check(daemon_log_lines(d, r"cannot reconnect: the export size changed"), "logged")
+    s.kill()
+    os.truncate(img, 8 * MiB)
+    s.start()
+
+    def works():
+        try:
+            return h.pread(4096, 0) == b"a" * 4096
+        except nbd.Error:
+            return False
+    wait_for(works, timeout=15, interval=0.2, what="the original export to be used again")
+    h.shutdown()
+
+
 @case("bad input: URI, unreachable server, missing export, --connections, --timeout")
 @servers
 def t_bad_input(d, srv):
