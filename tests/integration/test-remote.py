@@ -429,7 +429,7 @@ def t_caps(d, srv):
           "an emulated FUA write is a write then a flush:\n" + log[-1500:])
     check(not re.search(r"Zero|Cache", log), "no zero or cache sent:\n" + log[-1500:])
 
-    z = Server(["--filter=nozero", "memory", "8M", "fastzeromode=none"])
+    z = Server(["--filter=nozero", "memory", "8M", "zeromode=plugin", "fastzeromode=none"])
     srv.append(z)
     d.plug("nbd", z.uri(), "--name", "z", "--attach", "none")
     caps = d.info("z")["capabilities"]
