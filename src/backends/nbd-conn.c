@@ -533,20 +533,34 @@ static bool conn_reap(struct nbdb_conn *c)
   return again;
 }
 
-/* Move queued requests into free slots and issue them. */
-static void conn_take(struct nbdb_conn *c)
+/* Move queued requests into free slots and issue them.  Returns true if
+ * it took any. */
+static bool conn_take(struct nbdb_conn *c)
 {
   struct vdb_req *list;
 
   if (c->nfree == 0 || c->broken)
-    return;
+    return false;
   list = nbdb_conn_pop(c, c->nfree);
+  if (!list)
+    return false;
   while (list) {
     struct nbdb_slot *s = &c->slots[c->free_idx[--c->nfree]];
     s->req = list;
     list = nbdb_rs_of(list)->next;
     slot_issue(c, s);
   }
+  return true;
+}
+
+/* Act on every finished command and fill the slots freed, until neither
+ * changes anything. */
+static void conn_pump(struct nbdb_conn *c)
+{
+  do {
+    while (conn_reap(c))
+      ;
+  } while (conn_take(c));
 }
 
 static bool conn_dead(struct nbdb_conn *c)
@@ -579,9 +593,7 @@ static void conn_serve(struct nbdb_conn *c)
     struct pollfd p[2] = { { nbd_aio_get_fd(c->h), 0, 0 }, { c->efd, POLLIN, 0 } };
     unsigned dir;
 
-    conn_take(c);
-    while (conn_reap(c))
-      ;
+    conn_pump(c);
     if (conn_dead(c) || p[0].fd < 0)
       return;
     dir = nbd_aio_get_direction(c->h);

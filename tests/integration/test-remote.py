@@ -240,6 +240,18 @@ def t_multi_conn(d, srv):
     check("1 connection" in d.info("m1")["description"], d.info("m1")["description"])
     time.sleep(0.5)
     eq(connects() - n, 1, "connections made by a --connections 1 disk")
+    # more requests in flight than one connection has slots (64)
+    h = d.nbd("m1")
+    for i in range(200):
+        h.aio_pwrite(bytes([i % 251]) * 4096, i * 4096)
+    deadline = time.monotonic() + 30
+    while h.aio_in_flight() > 0 and time.monotonic() < deadline:
+        h.poll(1000)
+    eq(h.aio_in_flight(), 0, "200 concurrent writes on one connection completed")
+    h.flush()
+    for i in range(0, 200, 17):
+        eq(h.pread(4096, i * 4096), bytes([i % 251]) * 4096, "block %d" % i)
+    h.shutdown()
 
     nm = Server(["--filter=multi-conn", "memory", "16M", "multi-conn-mode=disable"])
     srv.append(nm)
