@@ -606,7 +606,8 @@ def t_unplug_down(d, srv):
     del h
 
 
-@case("vdbusd restart with an nbd disk plugged: the disk comes back with its data")
+@case("vdbusd restart with an nbd disk plugged: the disk comes back with its data; "
+      "with the server down it is kept for the next start")
 @servers
 def t_restart(d, srv):
     s = Server(["memory", "8M"])
@@ -626,6 +627,18 @@ def t_restart(d, srv):
     h = d.nbd("keep")
     eq(h.pread(MiB, MiB), blob, "data after the daemon restart")
     h.shutdown()
+    # the server down at start: not restored, but kept for the next start
+    d.stop()
+    s.kill()
+    t0 = time.monotonic()
+    d.start()
+    check(time.monotonic() - t0 < 10, "start with the server down took %.1fs" % (time.monotonic() - t0))
+    eq(d.disk("keep"), None, "not restored while the server is down")
+    check(daemon_log_lines(d, r"not restored: nbd backend: cannot connect to"), "logged")
+    s.start()
+    d.restart()
+    check(d.disk("keep") is not None, "restored once the server is back")
+    eq(d.info("keep")["params"].get("timeout"), "7", "the kept entry's timeout")
 
 
 @case("nbds:// with TLS-PSK to nbdkit --tls=require; plain nbd:// is refused")
