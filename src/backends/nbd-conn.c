@@ -304,13 +304,21 @@ static unsigned nbdb_backoff_max(const struct nbdb *nb)
 }
 
 /* Connect c again, with backoff, until it works or the backend closes.
- * Connection thread. */
+ * The first attempt is at once, unless the last connection died within a
+ * second of coming up (a server that accepts and then drops us, or answers
+ * NBD_ESHUTDOWN): then the backoff goes on growing.  Connection thread. */
 static void conn_reconnect(struct nbdb_conn *c)
 {
   struct nbdb *nb = c->nb;
   unsigned backoff = NBDB_BACKOFF_MIN_MS, fails = 0, max = nbdb_backoff_max(nb);
   char last[256] = "";
+  bool short_lived = c->ever_live && nbdb_now_ns() - c->up_since < NBDB_SHORT_LIVED_NS;
 
+  if (short_lived) {
+    backoff = c->backoff_ms ? c->backoff_ms : NBDB_BACKOFF_MIN_MS;
+    conn_backoff(c, backoff);
+    backoff = backoff * 2 > max ? max : backoff * 2;
+  }
   while (!atomic_load(&nb->closing)) {
     struct nbdb_export e;
     char msg[256];
@@ -330,9 +338,11 @@ static void conn_reconnect(struct nbdb_conn *c)
       c->h = h;
       c->broken = false;
       atomic_store(&c->live, true);
-      if (c->ever_live || fails)
+      if (fails || (c->ever_live && !short_lived))
         vdb_info("nbd backend: %s: connection %d up again", nb->uri, c->idx);
       c->ever_live = true;
+      c->up_since = nbdb_now_ns();
+      c->backoff_ms = backoff;
       nbdb_conn_wake(c);
       return;
     }
@@ -630,7 +640,9 @@ static void conn_drop(struct nbdb_conn *c)
   while (conn_reap(c))
     ;
   atomic_store(&c->live, false);
-  if (!atomic_load(&c->nb->closing))
+  /* A connection that keeps dying at once is logged once per backoff step. */
+  if (!atomic_load(&c->nb->closing) &&
+      (nbdb_now_ns() - c->up_since >= NBDB_SHORT_LIVED_NS || c->backoff_ms >= 1000))
     vdb_warn("nbd backend: %s: connection %d lost: %s", c->nb->uri, c->idx,
              c->lost[0] ? c->lost : "the server closed the connection");
   c->lost[0] = '\0';

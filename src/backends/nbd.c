@@ -232,6 +232,7 @@ static int nbdb_open(const struct vdb_params *params, void **handle, struct vdb_
   nb->data_chunk = e.max_block && e.max_block < NBDB_DATA_CHUNK ? e.max_block : NBDB_DATA_CHUNK;
   nb->conns[0].h = h;
   nb->conns[0].ever_live = true;
+  nb->conns[0].up_since = nbdb_now_ns();
   atomic_store(&nb->conns[0].live, true);
   r = nbdb_start(nb);
   if (r < 0) {

@@ -20,6 +20,7 @@
 #define NBDB_OTHER_CHUNK    (1u << 30) /* largest trim/zero/cache/block status */
 #define NBDB_BACKOFF_MIN_MS 100
 #define NBDB_BACKOFF_MAX_MS 5000
+#define NBDB_SHORT_LIVED_NS 1000000000u /* a connection that died within this: back off */
 #define NBDB_TICK_MS        100        /* expiry checks while disconnected */
 #define NBDB_DEFAULT_TIMEOUT 30
 #define NBDB_MAX_TIMEOUT    3600
@@ -57,6 +58,8 @@ struct nbdb_conn {
   bool broken;                   /* reconnect (server said ESHUTDOWN, poll failed) */
   char lost[160];                /* why the connection failed, for the log */
   bool ever_live;
+  uint64_t up_since;             /* when the connection came up (ns) */
+  unsigned backoff_ms;           /* next pause when a new connection dies at once */
   struct nbdb_slot slots[NBDB_SLOTS];
   unsigned free_idx[NBDB_SLOTS]; /* stack of free slot indices */
   unsigned nfree;

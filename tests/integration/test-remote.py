@@ -240,16 +240,20 @@ def t_multi_conn(d, srv):
     check("1 connection" in d.info("m1")["description"], d.info("m1")["description"])
     time.sleep(0.5)
     eq(connects() - n, 1, "connections made by a --connections 1 disk")
-    # more requests in flight than one connection has slots (64)
-    h = d.nbd("m1")
-    for i in range(200):
+    # More requests than one connection has slots (64), on a server that
+    # answers them in bursts (64 threads, each write 200 ms): slots freed by a
+    # burst must be refilled from the queue at once.
+    slow = Server(["--threads=64", "--filter=delay", "memory", "16M", "wdelay=200ms"])
+    srv.append(slow)
+    d.plug("nbd", slow.uri(), "--name", "burst", "--connections", "1", "--attach", "none")
+    h = d.nbd("burst")
+    for i in range(320):
         h.aio_pwrite(bytes([i % 251]) * 4096, i * 4096)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 20
     while h.aio_in_flight() > 0 and time.monotonic() < deadline:
         h.poll(1000)
-    eq(h.aio_in_flight(), 0, "200 concurrent writes on one connection completed")
-    h.flush()
-    for i in range(0, 200, 17):
+    eq(h.aio_in_flight(), 0, "320 concurrent writes on one connection completed")
+    for i in range(0, 320, 17):
         eq(h.pread(4096, i * 4096), bytes([i % 251]) * 4096, "block %d" % i)
     h.shutdown()
 
@@ -278,7 +282,8 @@ def t_fio(d, srv):
     eq(d.info("f")["stats"]["errors"], 0, "vdbus errors counter")
 
 
-@case("server errors pass through (EIO, ENOSPC) without retrying; a slow server is not a timeout")
+@case("server errors pass through (EIO, ENOSPC) without retrying; ESHUTDOWN is retried with "
+      "backoff until the timeout; a slow server is not a timeout")
 @servers
 def t_server_errors(d, srv):
     e = Server(["--filter=error", "memory", "8M", "error-pread=EIO", "error-pread-rate=1",
@@ -294,6 +299,28 @@ def t_server_errors(d, srv):
     h.zero(4096, 0)  # what the filter lets through still works
     h.shutdown()
     eq(d.info("e")["stats"]["errors"], 4, "errors counter")
+
+    # NBD_ESHUTDOWN is the server going away: reconnect and retry, within the timeout
+    flag = os.path.join(e.dir, "shutting-down")
+    sdlog = os.path.join(e.dir, "sd-log.txt")
+    sd = Server(["--filter=log", "--filter=error", "memory", "8M", "logfile=" + sdlog,
+                 "error-pread=ESHUTDOWN", "error-pread-rate=1", "error-pread-file=" + flag])
+    srv.append(sd)
+    d.plug("nbd", sd.uri(), "--name", "sd", "--attach", "none", "--timeout", "2")
+    h = d.nbd("sd")
+    h.pwrite(b"q" * 4096, 0)
+    open(flag, "w").close()
+    t0 = time.monotonic()
+    eq(nbd_errno(h.pread, 4096, 0), errno.EIO, "read while the server answers ESHUTDOWN")
+    check(1.5 <= time.monotonic() - t0 <= 4.5, "EIO after %.2fs, --timeout is 2" %
+          (time.monotonic() - t0))
+    with open(sdlog) as f:
+        nconnect = f.read().count("Connect export=")
+    # 4 connections, each backing off 100 ms doubling (to 500 ms): about 6 attempts each
+    check(nconnect <= 4 + 4 * 9, "%d connections in 2 s of ESHUTDOWN: no backoff?" % nconnect)
+    threading.Timer(1.0, os.unlink, [flag]).start()
+    eq(h.pread(4096, 0), b"q" * 4096, "read retried until the server stops saying ESHUTDOWN")
+    h.shutdown()
 
     slow = Server(["--filter=delay", "memory", "8M", "rdelay=2"])
     srv.append(slow)
@@ -544,6 +571,31 @@ def t_size_changed(d, srv):
             return False
     wait_for(works, timeout=15, interval=0.2, what="the original export to be used again")
     h.shutdown()
+
+
+@case("block-size constraints pass through; requests above the server's maximum are split")
+@servers
+def t_block_size(d, srv):
+    s = Server([], start=False)
+    srv.append(s)
+    logf = os.path.join(s.dir, "log.txt")
+    s.args = ["--filter=blocksize-policy", "--filter=log", "memory", "8M", "logfile=" + logf,
+              "blocksize-minimum=512", "blocksize-preferred=4096", "blocksize-maximum=65536",
+              "blocksize-error-policy=error"]
+    s.start()
+    d.plug("nbd", s.uri(), "--name", "bs", "--attach", "none")
+    h = d.nbd("bs", strict=False)
+    eq((h.get_block_size(nbd.SIZE_MINIMUM), h.get_block_size(nbd.SIZE_PREFERRED),
+        h.get_block_size(nbd.SIZE_MAXIMUM)), (512, 4096, 65536), "block sizes through vdbus")
+    blob = os.urandom(MiB + 4096)
+    h.pwrite(blob, 512)   # larger than the maximum: vdbus splits it
+    eq(h.pread(len(blob), 512), blob, "a split write and read")
+    h.shutdown()
+    with open(logf) as f:
+        counts = [int(c, 16) for c in re.findall(r"Write id=\d+ offset=0x[0-9a-f]+ count=0x([0-9a-f]+)",
+                                                   f.read())]
+    eq(sum(counts), len(blob), "bytes written at the server")
+    check(max(counts) <= 65536 and len(counts) >= 17, "write commands at the server: %r" % counts)
 
 
 @case("bad input: URI, unreachable server, missing export, --connections, --timeout")
