@@ -106,11 +106,17 @@ static void conn_complete(struct nbdb_conn *c, struct vdb_req *req, int err)
   vdb_req_complete(req, err);
 }
 
-/* Move req from c to the best connection (c's load drops, the other's rises). */
+/* Move req from c to the best connection (c's load drops, the other's
+ * rises); a request of a disk being unplugged fails with -ESHUTDOWN instead. */
 static void conn_requeue(struct nbdb_conn *c, struct vdb_req *req)
 {
-  struct nbdb_conn *to = nbdb_pick(c->nb, c);
+  struct nbdb_conn *to;
 
+  if (vdb_req_cancelled(req)) {
+    conn_complete(c, req, -ESHUTDOWN);
+    return;
+  }
+  to = nbdb_pick(c->nb, c);
   atomic_fetch_sub(&c->load, 1);
   nbdb_conn_push(to, req);
 }
@@ -578,22 +584,29 @@ static bool conn_dead(struct nbdb_conn *c)
   return c->broken || nbd_aio_is_dead(c->h) == 1 || nbd_aio_is_closed(c->h) == 1;
 }
 
-/* A disk being unplugged must not wait forever for a server that stopped
- * answering: once a command of such a disk is past its deadline, give up
- * on the connection (its requests then fail with -ESHUTDOWN). */
+/* A disk being unplugged must not wait long for a server that stopped
+ * answering: once commands of such a disk have waited NBDB_UNPLUG_GRACE_NS
+ * since the unplug began (as seen here), give up on the connection (its
+ * requests then fail with -ESHUTDOWN).  Connection thread, about once a
+ * second while commands are in flight. */
 static void conn_check_stuck(struct nbdb_conn *c)
 {
   uint64_t t = nbdb_now_ns();
 
   for (unsigned i = 0; i < NBDB_SLOTS; i++) {
     struct vdb_req *req = c->slots[i].req;
-    if (req && vdb_req_cancelled(req) && t >= nbdb_rs_of(req)->deadline) {
+    if (!req || !vdb_req_cancelled(req))
+      continue;
+    if (!c->cancel_seen)
+      c->cancel_seen = t;
+    else if (t - c->cancel_seen >= NBDB_UNPLUG_GRACE_NS) {
       vdb_warn("nbd backend: %s: server not answering while unplugging: dropping connection %d",
                c->nb->uri, c->idx);
       c->broken = true;
-      return;
     }
+    return;
   }
+  c->cancel_seen = 0;
 }
 
 /* Serve c's live connection until it dies or the backend closes. */

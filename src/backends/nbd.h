@@ -21,6 +21,7 @@
 #define NBDB_BACKOFF_MIN_MS 100
 #define NBDB_BACKOFF_MAX_MS 5000
 #define NBDB_SHORT_LIVED_NS 1000000000u /* a connection that died within this: back off */
+#define NBDB_UNPLUG_GRACE_NS 3000000000u /* unplugging: wait this long for answers */
 #define NBDB_TICK_MS        100        /* expiry checks while disconnected */
 #define NBDB_DEFAULT_TIMEOUT 30
 #define NBDB_MAX_TIMEOUT    3600
@@ -58,6 +59,7 @@ struct nbdb_conn {
   bool broken;                   /* reconnect (server said ESHUTDOWN, poll failed) */
   char lost[160];                /* why the connection failed, for the log */
   bool ever_live;
+  uint64_t cancel_seen;           /* when a command of an unplugging disk was seen waiting */
   uint64_t up_since;             /* when the connection came up (ns) */
   unsigned backoff_ms;           /* next pause when a new connection dies at once */
   struct nbdb_slot slots[NBDB_SLOTS];

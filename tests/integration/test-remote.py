@@ -636,7 +636,7 @@ def t_bad_input(d, srv):
     eq(d.info("ok")["size"], MiB, "a good URI after the bad ones")
 
 
-@case("unplug while the server is down (with a request waiting) completes in seconds")
+@case("unplug while the server is down or stopped (with requests waiting) completes in seconds")
 @servers
 def t_unplug_down(d, srv):
     s = Server(["memory", "8M"])
@@ -655,6 +655,26 @@ def t_unplug_down(d, srv):
     check(took < 5, "unplug took %.2fs with the server down" % took)
     eq(d.list(), [], "the disk is gone")
     check(h.aio_in_flight() >= 0, "the client handle is still usable")
+    del h
+
+    # a server that is alive but stopped answering (SIGSTOP): unplug gives up on it
+    st = Server(["memory", "8M"])
+    srv.append(st)
+    d.plug("nbd", st.uri(), "--name", "st", "--attach", "none")
+    h = d.nbd("st")
+    h.pwrite(b"s" * 4096, 0)
+    st.proc.send_signal(signal.SIGSTOP)
+    try:
+        h.aio_pread(nbd.Buffer(4096), 0)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        rc, out, err = d.cli("unplug", "st", "--force", timeout=40)
+        took = time.monotonic() - t0
+        eq(rc, 0, "unplug: %s" % err)
+        check(took < 8, "unplug took %.2fs with the server stopped" % took)
+        check(daemon_log_lines(d, r"server not answering while unplugging"), "logged")
+    finally:
+        st.proc.send_signal(signal.SIGCONT)
     del h
 
 
