@@ -126,6 +126,8 @@ static void nbdb_fill_info(const struct nbdb *nb, struct vdb_backend_info *info)
   if (e->pref_block)
     info->pref_block = e->pref_block > info->min_block ? e->pref_block : info->min_block;
   info->max_block = (uint32_t)nb->data_chunk;
+  if (info->pref_block > info->max_block)
+    info->pref_block = info->max_block;
   info->caps_off = (e->can_trim ? 0 : VDB_CAP_TRIM) | (e->can_zero ? 0 : VDB_CAP_ZERO) |
                    (e->can_fast_zero ? 0 : VDB_CAP_FAST_ZERO) |
                    (e->can_extents ? 0 : VDB_CAP_EXTENTS) | (e->can_cache ? 0 : VDB_CAP_CACHE) |
