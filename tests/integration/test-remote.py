@@ -440,8 +440,8 @@ def t_server_restart(d, srv):
     h.shutdown()
 
 
-@case("capabilities follow the server: no zero, no cache, no FUA (emulated by a flush); "
-      "extents all data")
+@case("capabilities follow the server: no zero, no cache, no FUA (emulated by a flush), "
+      "no flush; extents all data")
 @servers
 def t_caps(d, srv):
     s = Server([], start=False)
@@ -477,6 +477,32 @@ def t_caps(d, srv):
     check(h.can_zero() and not h.can_fast_zero(), "the vdbus export: zero, no fast zero")
     h.zero(MiB, 0)
     h.shutdown()
+
+    # a server without flush (and so without FUA): writes are stable when acknowledged
+    nf = Server([], start=False)
+    srv.append(nf)
+    with open(os.path.join(nf.dir, "disk.img"), "wb") as f:
+        f.truncate(8 * MiB)
+    script = os.path.join(nf.dir, "noflush.sh")
+    with open(script, "w") as f:
+        f.write(SLOW_FLUSH_SH.replace("can_write|can_flush|can_multi_conn) exit 0",
+                                      "can_write|can_multi_conn) exit 0 ;;\n  can_flush) exit 3")
+                % nf.dir)
+    os.chmod(script, 0o755)
+    nflog = os.path.join(nf.dir, "log.txt")
+    nf.args = ["--filter=log", "sh", script, "logfile=" + nflog]
+    nf.start()
+    d.plug("nbd", nf.uri(), "--name", "nf", "--attach", "none")
+    caps = d.info("nf")["capabilities"]
+    eq((caps["flush"], caps["fua"], caps["write"]), (False, False, True), "no flush: %r" % caps)
+    h = d.nbd("nf")
+    h.pwrite(b"n" * 4096, 0)
+    h.flush()
+    eq(h.pread(4096, 0), b"n" * 4096, "data on a server without flush")
+    h.shutdown()
+    with open(nflog) as f:
+        log = f.read()
+    check("Write" in log and "Flush" not in log, "no flush sent to a server without it:\n" + log)
 
 
 SLOW_FLUSH_SH = """#!/bin/sh
