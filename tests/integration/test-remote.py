@@ -485,7 +485,7 @@ def t_caps(d, srv):
         f.truncate(8 * MiB)
     script = os.path.join(nf.dir, "noflush.sh")
     with open(script, "w") as f:
-        f.write(SLOW_FLUSH_SH.replace("can_write|can_flush|can_multi_conn) exit 0",
+        f.write(FILE_SH.replace("can_write|can_flush|can_multi_conn) exit 0",
                                       "can_write|can_multi_conn) exit 0 ;;\n  can_flush) exit 3")
                 % nf.dir)
     os.chmod(script, 0o755)
@@ -505,8 +505,8 @@ def t_caps(d, srv):
     check("Write" in log and "Flush" not in log, "no flush sent to a server without it:\n" + log)
 
 
-SLOW_FLUSH_SH = """#!/bin/sh
-# nbdkit sh plugin: a file whose flush hangs while $DIR/slow-flush exists.
+FILE_SH = """#!/bin/sh
+# nbdkit sh plugin: a file (DIR/disk.img) whose flush hangs while DIR/slow-flush exists.
 DIR=%s
 case "$1" in
   get_size) stat -c %%s $DIR/disk.img ;;
@@ -532,7 +532,7 @@ def t_flush_reissued(d, srv):
     with open(img, "wb") as f:
         f.truncate(8 * MiB)
     with open(script, "w") as f:
-        f.write(SLOW_FLUSH_SH % s.dir)
+        f.write(FILE_SH % s.dir)
     os.chmod(script, 0o755)
     open(slow, "w").close()
     s.args = ["--filter=log", "sh", script, "logfile=" + logf]
