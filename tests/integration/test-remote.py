@@ -92,6 +92,21 @@ class Server:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+FILE_SH = """#!/bin/sh
+# nbdkit sh plugin: a file (DIR/disk.img) whose flush hangs while DIR/slow-flush exists.
+DIR=%s
+case "$1" in
+  get_size) stat -c %%s $DIR/disk.img ;;
+  pread) dd if=$DIR/disk.img iflag=skip_bytes,count_bytes skip=$4 count=$3 status=none ;;
+  pwrite) dd of=$DIR/disk.img oflag=seek_bytes conv=notrunc seek=$4 status=none ;;
+  can_write|can_flush|can_multi_conn) exit 0 ;;
+  thread_model) echo parallel ;;
+  flush) while [ -e $DIR/slow-flush ]; do sleep 0.1; done ;;
+  *) exit 2 ;;
+esac
+"""
+
+
 def servers(fn):
     """Decorator: pass a list to keep servers in, clean them up after."""
     def wrapper(d):
@@ -505,19 +520,6 @@ def t_caps(d, srv):
     check("Write" in log and "Flush" not in log, "no flush sent to a server without it:\n" + log)
 
 
-FILE_SH = """#!/bin/sh
-# nbdkit sh plugin: a file (DIR/disk.img) whose flush hangs while DIR/slow-flush exists.
-DIR=%s
-case "$1" in
-  get_size) stat -c %%s $DIR/disk.img ;;
-  pread) dd if=$DIR/disk.img iflag=skip_bytes,count_bytes skip=$4 count=$3 status=none ;;
-  pwrite) dd of=$DIR/disk.img oflag=seek_bytes conv=notrunc seek=$4 status=none ;;
-  can_write|can_flush|can_multi_conn) exit 0 ;;
-  thread_model) echo parallel ;;
-  flush) while [ -e $DIR/slow-flush ]; do sleep 0.1; done ;;
-  *) exit 2 ;;
-esac
-"""
 
 
 @case("a flush in flight when the server dies is reissued on the next connection")
