@@ -626,6 +626,40 @@ def t_block_size(d, srv):
     check(max(counts) <= 65536 and len(counts) >= 17, "write commands at the server: %r" % counts)
 
 
+@case("a filesystem on an nbd disk (--attach loop) over qemu-nbd; fsck of the server's image",
+      timeout=240)
+@servers
+def t_filesystem(d, srv):
+    from vdbtest import is_root, sha256_file
+    if not is_root() or not os.path.exists("/dev/loop-control") or not os.path.exists("/dev/fuse"):
+        raise Skip("needs root, /dev/loop-control and /dev/fuse")
+    q = Server([], kind="qemu-nbd", start=False)
+    srv.append(q)
+    img = os.path.join(q.dir, "fs.raw")
+    with open(img, "wb") as f:
+        f.truncate(64 * MiB)
+    q.args = ["-f", "raw", "--shared=8", "-t", "--cache=writeback", img]
+    q.start()
+    d.plug("nbd", q.uri(), "--name", "fs", "--attach", "loop")
+    dev = d.disk("fs")["device"]
+    check(dev and re.fullmatch(r"/dev/loop\d+", dev), "device %r" % dev)
+    run(["mkfs.ext4", "-q", "-F", dev], timeout=120, check_rc=0)
+    mnt = tempfile.mkdtemp(prefix="mnt-", dir=d.base)
+    run(["mount", dev, mnt], check_rc=0)
+    try:
+        p = os.path.join(mnt, "blob")
+        with open(p, "wb") as f:
+            f.write(os.urandom(5 * MiB))
+        want = sha256_file(p)
+    finally:
+        run(["umount", mnt], check_rc=0)
+    d.cli_ok("unplug", "fs")
+    q.kill()
+    run(["fsck.ext4", "-n", "-f", img], timeout=120, check_rc=0)
+    rc, out, err = run(["debugfs", "-R", "dump /blob " + os.path.join(q.dir, "blob.out"), img])
+    eq(sha256_file(os.path.join(q.dir, "blob.out")), want, "the file, read from the server's image")
+
+
 @case("bad input: URI, unreachable server, missing export, --connections, --timeout")
 @servers
 def t_bad_input(d, srv):
