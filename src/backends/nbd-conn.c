@@ -39,6 +39,7 @@ static void nbdb_conn_drain(struct nbdb_conn *c)
   while (read(c->efd, &v, sizeof v) < 0 && errno == EINTR)
     ;
 }
+
 /* ---- queues ---- */
 
 /* Append req to c's queue and wake c's thread if the queue was empty. */
@@ -120,6 +121,7 @@ static void conn_requeue(struct nbdb_conn *c, struct vdb_req *req)
   atomic_fetch_sub(&c->load, 1);
   nbdb_conn_push(to, req);
 }
+
 /* ---- connecting ---- */
 
 /* Read what the export offers from a connected handle; 0 or -1 (libnbd error). */
@@ -164,11 +166,12 @@ int nbdb_errno_or(int dflt)
 }
 
 static void conn_expire(struct nbdb_conn *c);
+
 /* Connect a new handle to uri, waiting at most timeout_ms; while waiting,
  * c (if not NULL) keeps expiring its queue.  Returns the handle, or NULL
  * with *err (positive errno) and msg (libnbd's message) set. */
 struct nbd_handle *nbdb_connect(struct nbdb *nb, const char *uri, struct nbdb_conn *c,
-                                       uint64_t timeout_ms, int *err, char *msg, size_t msglen)
+                                uint64_t timeout_ms, int *err, char *msg, size_t msglen)
 {
   uint64_t deadline = nbdb_now_ns() + timeout_ms * 1000000u;
   struct nbd_handle *h = nbd_create();
@@ -365,6 +368,7 @@ static void conn_reconnect(struct nbdb_conn *c)
     backoff = backoff * 2 > max ? max : backoff * 2;
   }
 }
+
 /* ---- issuing commands (connection thread) ---- */
 
 static int nbdb_cmd_done(void *user_data, int *error)

@@ -26,6 +26,9 @@
 
 /* ---- the data path (any thread) ---- */
 
+/* Every data-path callback: queue req on the least-loaded live connection
+ * (its thread issues it).  The bus has checked range, read-only and
+ * capabilities; FAST_ZERO is ours to refuse.  Any thread. */
 static void nbdb_submit(void *handle, struct vdb_req *req)
 {
   struct nbdb *nb = handle;
@@ -41,8 +44,11 @@ static void nbdb_submit(void *handle, struct vdb_req *req)
   rs->fua_flush = false;
   nbdb_conn_push(nbdb_pick(nb, NULL), req);
 }
+
 /* ---- open and close ---- */
 
+/* Parameter key as a whole number in [lo, hi]; *out = dflt when absent.
+ * 0, or -EINVAL after vdb_set_error(). */
 static int parse_uint(const struct vdb_params *params, const char *key, unsigned lo,
                       unsigned hi, unsigned dflt, unsigned *out, const char *what)
 {
@@ -63,6 +69,7 @@ static int parse_uint(const struct vdb_params *params, const char *key, unsigned
   return 0;
 }
 
+/* Set up connection i (not its thread); 0 or -errno. */
 static int conn_init(struct nbdb *nb, int i)
 {
   struct nbdb_conn *c = &nb->conns[i];
@@ -79,6 +86,10 @@ static int conn_init(struct nbdb *nb, int i)
   return 0;
 }
 
+/* Stop the connection threads, disconnect politely from a live server and
+ * free everything.  The bus guarantees no request is in flight; anything
+ * still queued (a half-opened instance) fails with -ESHUTDOWN.  Control
+ * path; also undoes a failed open. */
 static void nbdb_close(void *handle)
 {
   struct nbdb *nb = handle;
@@ -92,6 +103,8 @@ static void nbdb_close(void *handle)
     struct vdb_req *list;
     if (c->started)
       pthread_join(c->thread, NULL);
+    if (c->h && nbd_aio_is_ready(c->h) == 1)
+      nbd_aio_disconnect(c->h, 0); /* NBD_CMD_DISC, sent at once if the socket takes it */
     if (c->h)
       nbd_close(c->h);
     for (unsigned k = 0; k < NBDB_SLOTS; k++)
