@@ -6,10 +6,10 @@
 
 extern const struct vdb_backend_ops vdb_backend_ram;
 extern const struct vdb_backend_ops vdb_backend_file;
+extern const struct vdb_backend_ops vdb_backend_nbd;
 extern const struct vdb_backend_ops vdb_backend_error;
 extern const struct vdb_backend_ops vdb_backend_delay;
 extern const struct vdb_backend_ops vdb_backend_trace;
-extern const struct vdb_backend_ops vdb_backend_nbd;
 
 /* NULL if unknown. */
 const struct vdb_backend_ops *vdb_backend_find(const char *name);
