@@ -660,7 +660,7 @@ def t_filesystem(d, srv):
     eq(sha256_file(os.path.join(q.dir, "blob.out")), want, "the file, read from the server's image")
 
 
-@case("bad input: URI, unreachable server, missing export, --connections, --timeout")
+@case("bad input: URI, unreachable or mute server, missing export, --connections, --timeout")
 @servers
 def t_bad_input(d, srv):
     q = Server([], kind="qemu-nbd", start=False)
@@ -693,6 +693,20 @@ def t_bad_input(d, srv):
         check(len(lines) == 1 or (rc == 2 and len(lines) == 2 and "--help" in lines[1]),
               "one-line message for %r: %r" % (args, err))
         check(re.search(pat, lines[0]), "plug %r: message %r does not match %r" % (args, err, pat))
+    # a socket that never answers the handshake: the plug gives up after --timeout
+    import socket
+    mute = socket.socket(socket.AF_UNIX)
+    mute_path = os.path.join(m.dir, "mute.sock")
+    mute.bind(mute_path)
+    mute.listen(8)
+    t0 = time.monotonic()
+    rc, out, err = d.cli("plug", "nbd", "nbd+unix:///?socket=" + mute_path, "--timeout", "2",
+                         "--attach", "none")
+    took = time.monotonic() - t0
+    mute.close()
+    eq(rc, 1, "plug to a server that never answers")
+    check("timed out connecting" in err, err)
+    check(1.5 <= took <= 5, "gave up after %.2fs, --timeout is 2" % took)
     eq(d.list(), [], "no disk was plugged")
     d.plug("nbd", q.uri("there"), "--name", "ok", "--attach", "none")
     eq(d.info("ok")["size"], MiB, "a good URI after the bad ones")
