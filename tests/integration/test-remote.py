@@ -41,7 +41,11 @@ class Server:
         self.proc = None
         self.log_path = os.path.join(self.dir, "server.log")
         if start:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                self.cleanup()
+                raise
 
     def cmd(self):
         if self.kind == "nbdkit":
