@@ -159,6 +159,11 @@ struct vdb_req {
  * must not be touched afterwards. */
 void vdb_req_complete(struct vdb_req *req, int err);
 
+/* True once the request's disk is being unplugged.  A backend holding a
+ * request back until an outside resource returns (a remote server) may then
+ * fail it with -ESHUTDOWN instead of waiting longer.  Any thread. */
+bool vdb_req_cancelled(const struct vdb_req *req);
+
 /* Key/value parameters a backend is opened with ("size" = "4G", "path" = …),
  * from `vdbus plug NAME --param KEY=VALUE` (and the CLI's own options such as
  * --size).  Values are strings; the bus keeps them, so the pointers stay
@@ -194,7 +199,20 @@ struct vdb_backend_info {
    * this instance's data does not outlive the daemon (as
    * VDB_BACKEND_VOLATILE, but decided at open, e.g. a RAM-backed overlay). */
   bool volatile_data;
+  /* Appended in API version 1: VDB_CAP_* bits this instance does not have
+   * although the backend has the callback (a remote server without trim,
+   * say).  The bus then answers as if the callback were NULL. */
+  uint32_t caps_off;
 };
+
+/* Bits of vdb_backend_info.caps_off. */
+#define VDB_CAP_TRIM      (1u << 0) /* trim */
+#define VDB_CAP_ZERO      (1u << 1) /* write_zeroes */
+#define VDB_CAP_FLUSH     (1u << 2) /* flush (and FUA, which needs it) */
+#define VDB_CAP_FUA       (1u << 3) /* FUA writes */
+#define VDB_CAP_FAST_ZERO (1u << 4) /* VDB_REQ_FAST_ZERO */
+#define VDB_CAP_EXTENTS   (1u << 5) /* block_status */
+#define VDB_CAP_CACHE     (1u << 6) /* cache */
 
 struct vdb_backend_ops {
   uint32_t api_version;   /* Required: VDB_BACKEND_API_VERSION */

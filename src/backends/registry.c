@@ -14,6 +14,7 @@
 static const struct vdb_backend_ops *const vdb_backends[] = {
   &vdb_backend_ram,
   &vdb_backend_file,
+  &vdb_backend_nbd,
   &vdb_backend_error,
   &vdb_backend_delay,
   &vdb_backend_trace,

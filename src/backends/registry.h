@@ -15,6 +15,7 @@
 
 extern const struct vdb_backend_ops vdb_backend_ram;
 extern const struct vdb_backend_ops vdb_backend_file;
+extern const struct vdb_backend_ops vdb_backend_nbd;
 extern const struct vdb_backend_ops vdb_backend_error;
 extern const struct vdb_backend_ops vdb_backend_delay;
 extern const struct vdb_backend_ops vdb_backend_trace;

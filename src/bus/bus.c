@@ -200,16 +200,17 @@ static void bus_pick_name(char *name, size_t len)
 static void disk_derive_caps(struct vdb_disk *d)
 {
   const struct vdb_backend_ops *ops = d->ops;
+  uint32_t off = d->info.caps_off;
 
   d->readonly = d->cfg.readonly || d->cfg.snapshot || d->info.readonly || !ops->write;
   d->can_write = !d->readonly;
-  d->can_flush = ops->flush != NULL && d->can_write;
-  d->can_fua = d->can_flush;
-  d->can_trim = ops->trim != NULL && d->can_write;
-  d->can_zero = ops->write_zeroes != NULL && d->can_write;
-  d->can_fast_zero = d->can_zero;
-  d->can_cache = true;
-  d->can_extents = ops->block_status != NULL;
+  d->can_flush = ops->flush != NULL && d->can_write && !(off & VDB_CAP_FLUSH);
+  d->can_fua = d->can_flush && !(off & VDB_CAP_FUA);
+  d->can_trim = ops->trim != NULL && d->can_write && !(off & VDB_CAP_TRIM);
+  d->can_zero = ops->write_zeroes != NULL && d->can_write && !(off & VDB_CAP_ZERO);
+  d->can_fast_zero = d->can_zero && !(off & VDB_CAP_FAST_ZERO);
+  d->can_cache = !(off & VDB_CAP_CACHE);
+  d->can_extents = ops->block_status != NULL && !(off & VDB_CAP_EXTENTS);
   d->can_multi_conn = d->info.can_multi_conn;
 }
 

@@ -38,6 +38,11 @@ void vdb_req_complete(struct vdb_req *req, int err)
   req->done(req, err);
 }
 
+bool vdb_req_cancelled(const struct vdb_req *req)
+{
+  return atomic_load_explicit(&req->disk->closing, memory_order_acquire);
+}
+
 /* Returns 0 when the request may go to the backend, 1 when the bus has
  * already answered it (success with nothing to do), or -errno. */
 static int req_validate(struct vdb_disk *d, struct vdb_req *req, unsigned flags)
@@ -53,7 +58,7 @@ static int req_validate(struct vdb_disk *d, struct vdb_req *req, unsigned flags)
       atomic_load_explicit(&d->dependents, memory_order_acquire) > 0)
     return -EPERM; /* the base of overlays is shared and read-only */
   if (req->type == VDB_REQ_FLUSH)
-    return d->ops->flush ? 0 : 1;
+    return d->ops->flush && !(d->info.caps_off & VDB_CAP_FLUSH) ? 0 : 1;
   if (req->offset > d->size || req->len > d->size - req->offset)
     return req->type == VDB_REQ_WRITE || req->type == VDB_REQ_WRITE_ZEROES ? -ENOSPC : -EINVAL;
   if (req->len == 0)
@@ -68,9 +73,9 @@ static int req_validate(struct vdb_disk *d, struct vdb_req *req, unsigned flags)
       return -EOPNOTSUPP;
     return 0;
   case VDB_REQ_CACHE:
-    return d->ops->cache ? 0 : 1;
+    return d->ops->cache && d->can_cache ? 0 : 1;
   case VDB_REQ_BLOCK_STATUS:
-    if (!d->ops->block_status) {
+    if (!d->can_extents) {
       req->extents[0].length = req->len;
       req->extents[0].flags = 0;
       req->nr_extents = 1;
