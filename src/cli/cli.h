@@ -18,6 +18,10 @@ void cli_usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2), 
  * exits 1. */
 json_t *cli_call(const char *what, const char *op, json_t *args);
 
+/* Exit with a message unless v is an attach mode (auto, ublk, nbd-kernel,
+ * loop, none). */
+void cli_check_attach(const char *what, const char *v);
+
 int cli_plug(int argc, char **argv);
 int cli_unplug(int argc, char **argv);
 int cli_list(int argc, char **argv);

@@ -78,6 +78,16 @@ static json_t *store_path(const char *path)
   return r;
 }
 
+void cli_check_attach(const char *what, const char *v)
+{
+  static const char *const modes[] = { "auto", "ublk", "nbd-kernel", "loop", "none" };
+
+  for (size_t m = 0; m < sizeof modes / sizeof modes[0]; m++)
+    if (strcmp(v, modes[m]) == 0)
+      return;
+  cli_die(what, "bad attach mode '%s': use auto, ublk, nbd-kernel, loop or none", v);
+}
+
 static bool plug_param_opt(struct plug_req *p, int argc, char **argv, int *i)
 {
   for (size_t k = 0; k < sizeof param_opts / sizeof param_opts[0]; k++)
@@ -128,12 +138,7 @@ static void plug_option(struct plug_req *p, int argc, char **argv, int *i)
     json_object_set_new(p->args, "block_size", json_integer(atoi(v)));
   } else if (strcmp(a, "--attach") == 0) {
     const char *v = opt_value(argc, argv, i);
-    static const char *const modes[] = { "auto", "ublk", "nbd-kernel", "loop", "none" };
-    bool ok = false;
-    for (size_t m = 0; m < sizeof modes / sizeof modes[0]; m++)
-      ok |= strcmp(v, modes[m]) == 0;
-    if (!ok)
-      cli_die("plug", "bad attach mode '%s': use auto, ublk, nbd-kernel, loop or none", v);
+    cli_check_attach("plug", v);
     json_object_set_new(p->args, "attach", json_string(v));
   } else if (strcmp(a, "--param") == 0) {
     plug_param_kv(p, opt_value(argc, argv, i));

@@ -33,7 +33,7 @@ static json_t *layer_store(const char *what, const char *v)
   return json_string(abs);
 }
 
-/* The options snapshot and clone share; returns false if a not one of them. */
+/* The options snapshot and clone share; false if argv[*i] is not one. */
 static bool layer_option(const char *what, json_t *args, int argc, char **argv, int *i)
 {
   const char *a = argv[*i];
@@ -44,12 +44,7 @@ static bool layer_option(const char *what, json_t *args, int argc, char **argv, 
     json_object_set_new(args, "store", layer_store(what, layer_value(argc, argv, i)));
   } else if (strcmp(a, "--attach") == 0) {
     const char *v = layer_value(argc, argv, i);
-    static const char *const modes[] = { "auto", "ublk", "nbd-kernel", "loop", "none" };
-    bool ok = false;
-    for (size_t m = 0; m < sizeof modes / sizeof modes[0]; m++)
-      ok |= strcmp(v, modes[m]) == 0;
-    if (!ok)
-      cli_die(what, "bad attach mode '%s': use auto, ublk, nbd-kernel, loop or none", v);
+    cli_check_attach(what, v);
     json_object_set_new(args, "attach", json_string(v));
   } else if (strcmp(a, "--no-export") == 0) {
     json_object_set_new(args, "export", json_false());

@@ -184,22 +184,26 @@ int vdb_control_parse_plug(json_t *args, struct vdb_disk_config *cfg)
   return 0;
 }
 
+/* The reply to plug, snapshot and clone: the new disk (reference dropped). */
+static json_t *reply_disk(struct vdb_disk *d)
+{
+  json_t *res = vdb_control_disk_json(d, false);
+
+  vdb_disk_put(d);
+  return reply_result(res);
+}
+
 static json_t *op_plug(json_t *args)
 {
   struct vdb_disk_config cfg;
   struct vdb_disk *d;
-  json_t *res;
   int r = vdb_control_parse_plug(args, &cfg);
 
   if (r < 0)
     return reply_errno(r);
   r = vdb_bus_plug(&cfg, &d);
   vdb_params_clear(&cfg.params);
-  if (r < 0)
-    return reply_errno(r);
-  res = vdb_control_disk_json(d, false);
-  vdb_disk_put(d);
-  return reply_result(res);
+  return r < 0 ? reply_errno(r) : reply_disk(d);
 }
 
 /* ---- unplug, list, info ---- */
@@ -349,7 +353,6 @@ static json_t *op_snapshot(json_t *args)
   struct vdb_disk *d, *s;
   char storebuf[700], snap[VDB_NAME_MAX];
   json_error_t jerr;
-  json_t *res;
 
   if (!args || json_unpack_ex(args, &jerr, JSON_STRICT, "{s:s, s?:s, s?:s, s?:s, s?:b}", "name",
                               &name, "as", &as, "store", &store, "attach", &attach,
@@ -379,11 +382,7 @@ static json_t *op_snapshot(json_t *args)
   r = make_overlay_dir(storebuf);
   if (r == 0)
     r = vdb_bus_snapshot(name, &scfg, storebuf, &s);
-  if (r < 0)
-    return reply_errno(r);
-  res = vdb_control_disk_json(s, false);
-  vdb_disk_put(s);
-  return reply_result(res);
+  return r < 0 ? reply_errno(r) : reply_disk(s);
 }
 
 static json_t *op_clone(json_t *args)
@@ -394,7 +393,6 @@ static json_t *op_clone(json_t *args)
   struct vdb_disk *base, *d;
   char storebuf[700];
   json_error_t jerr;
-  json_t *res;
 
   if (!args || json_unpack_ex(args, &jerr, JSON_STRICT, "{s:s, s?:s, s?:s, s?:s, s?:b, s?:b}",
                               "name", &name, "as", &as, "store", &store, "attach", &attach,
@@ -436,11 +434,7 @@ static json_t *op_clone(json_t *args)
   if (r == 0)
     r = vdb_bus_plug(&cfg, &d);
   vdb_params_clear(&cfg.params);
-  if (r < 0)
-    return reply_errno(r);
-  res = vdb_control_disk_json(d, false);
-  vdb_disk_put(d);
-  return reply_result(res);
+  return r < 0 ? reply_errno(r) : reply_disk(d);
 }
 
 static json_t *op_commit(json_t *args)

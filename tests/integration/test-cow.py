@@ -344,8 +344,8 @@ def t_commit_concurrent(d):
     d.plug("ram", "--size", "32M", "--name", "b", "--attach", "none")
     d.plug("cow", "--base", "b", "--name", "o", "--attach", "none")
     h = d.nbd("o")
-    for i in range(0, 32 * MiB, MiB):
-        h.pwrite(pattern(i, MiB), i)
+    initial = b"".join(pattern(i, MiB) for i in range(0, 32 * MiB, MiB))
+    h.pwrite(initial, 0)
     want = {}
     stop = threading.Event()
     errs = []
@@ -357,7 +357,7 @@ def t_commit_concurrent(d):
         try:
             while not stop.is_set():
                 blk = rnd.randrange(32 * MiB // 4096)
-                data = pattern(blk * 1000 + rnd.randrange(1000), 4096)
+                data = (b"%d:%d:" % (blk, rnd.randrange(1 << 30))).ljust(4096, b"v")
                 hw.pwrite(data, blk * 4096)
                 want[blk] = data
         except Exception as e:  # noqa: BLE001
@@ -376,7 +376,7 @@ def t_commit_concurrent(d):
     data = read_all(h, 32 * MiB)
     for i in range(0, 32 * MiB, 4096):
         blk = i // 4096
-        exp = want.get(blk, pattern(i // MiB * MiB, MiB)[i % MiB:i % MiB + 4096])
+        exp = want.get(blk, initial[i:i + 4096])
         if data[i:i + 4096] != exp:
             fail("block %d differs after a commit under load" % blk)
     h.shutdown()
