@@ -189,6 +189,16 @@ def t_errors(d):
     eq(nbd_errno(h.pread, 512, 0, 1 << 9), errno.EINVAL, "read with an unknown flag")
     eq(nbd_errno(h.pwrite, b"y" * 512, 0, 1 << 9), errno.EINVAL, "write with an unknown flag")
     eq(h.pread(512, 0), bytes(512), "write with an unknown flag wrote nothing")
+    # a write over the 32 MiB limit: its data is skipped, then EOVERFLOW (or
+    # EINVAL) is answered, and the connection stays in step
+    d.plug("ram", "--size", "64M", "--name", "big", "--attach", "none")
+    hb = d.nbd("big", strict=False)
+    e = nbd_errno(hb.pwrite, b"o" * (40 * MiB), 0)
+    check(e in (errno.EOVERFLOW, errno.EINVAL), "40 MiB write: errno %r" % e)
+    eq(hb.pread(4096, 0), bytes(4096), "an oversized write wrote nothing")
+    hb.pwrite(b"k" * 4096, 0)
+    eq(hb.pread(4096, 0), b"k" * 4096, "after an oversized write")
+    hb.shutdown()
     # the connection still works after all these errors
     h.pwrite(b"z" * 512, 0)
     eq(h.pread(512, 0), b"z" * 512, "after errors")

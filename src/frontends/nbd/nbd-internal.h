@@ -121,6 +121,8 @@ struct nbd_conn {
   uint32_t discard_opt;         /* handshake: option being skipped */
   bool discard_is_opt;
   struct nbd_req *payload_req;  /* WRITE whose payload is being received */
+  struct nbd_req *discard_req;  /* refused command whose payload is being skipped */
+  int discard_err;              /* its error, replied once the payload is gone */
   uint64_t payload_got;
 
   /* Output. */

@@ -228,6 +228,10 @@ static void conn_mark_closing(struct nbd_conn *c)
     nbd_tx_release(c, c->payload_req);
     c->payload_req = NULL;
   }
+  if (c->discard_req) {
+    nbd_tx_release(c, c->discard_req);
+    c->discard_req = NULL;
+  }
   shutdown(c->fd, SHUT_RD);
 }
 

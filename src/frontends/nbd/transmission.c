@@ -380,14 +380,20 @@ static void tx_request(struct nbd_conn *c, uint16_t flags, uint16_t cmd, uint64_
   err = tx_check(c, r);
   if (!err && (cmd == NBD_CMD_READ || cmd == NBD_CMD_WRITE) && req_buf(r, len) < 0)
     err = -ENOMEM;
-  if (payload && (err || cmd != NBD_CMD_WRITE)) {
-    c->discard = len;           /* skip the data we will not use */
-    if (!err)
-      err = -EINVAL;
-  }
-  if (err) {
+  if (payload && (err || cmd != NBD_CMD_WRITE) && !err)
+    err = -EINVAL;
+  if (err)
     vdb_dbg(VDB_DBG_NBD, "%s: command %u flags %#x off %llu len %llu: %s", c->peer, cmd, flags,
             (unsigned long long)offset, (unsigned long long)len, strerror(-err));
+  if (err && payload && len > 0) {
+    /* Skip the data we will not use, and answer after it: a client may not
+     * take a reply to a command it is still sending (libnbd cannot). */
+    c->discard = len;
+    c->discard_req = r;
+    c->discard_err = err;
+    return;
+  }
+  if (err) {
     tx_reply(c, r, err);
     return;
   }
@@ -438,6 +444,11 @@ void nbd_tx_process(struct nbd_conn *c)
     if (c->discard) {
       if (!nbd_conn_skip_input(c))
         return;
+      if (c->discard_req) {
+        struct nbd_req *r = c->discard_req;
+        c->discard_req = NULL;
+        tx_reply(c, r, c->discard_err);
+      }
       continue;
     }
     if (c->nreqs >= NBD_MAX_INFLIGHT || c->inbytes >= NBD_MAX_INBYTES) {
