@@ -21,6 +21,7 @@
  * Snapshots: the snapshot op creates an RBD snapshot (cluster-side, cheap)
  * and returns the parameters that plug it read-only (pool/image@snap). */
 #include <errno.h>
+#include <stdatomic.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,6 +32,7 @@
 #include <rbd/librbd.h>
 
 #include <vdbus/backend.h>
+#include "common/log.h"
 
 #define RBD_DEFAULT_TIMEOUT 30
 #define RBD_POLL_SECONDS 3
@@ -47,6 +49,7 @@ struct rbd_disk {
   uint64_t size;             /* last size reported (worker thread only) */
   uint64_t watch;            /* rbd_update_watch handle */
   bool watching;
+  _Atomic bool failing;      /* the last request failed (log the first of a run) */
 
   /* What plugs it again (for snapshots); copies of the parameters. */
   char pool[RBD_NAME_MAX], name[RBD_NAME_MAX], snap[RBD_NAME_MAX];
@@ -479,6 +482,18 @@ static int rbd_aio_start(struct rbd_disk *r, struct vdb_req *req, bool flush)
   return rc;
 }
 
+/* Log the first failure of a run and the recovery after it, with librbd's
+ * own error (requests fail with EIO, which says less). */
+static void rbd_note_result(struct rbd_disk *r, const struct vdb_req *req, int err)
+{
+  if (err < 0 && !atomic_exchange(&r->failing, true))
+    vdb_warn("rbd %s/%s: request type %d at %llu failed: %s (more may follow)", r->pool,
+             r->name, (int)req->type, (unsigned long long)req->offset, strerror(-err));
+  else if (err == 0 && atomic_load_explicit(&r->failing, memory_order_relaxed) &&
+           atomic_exchange(&r->failing, false))
+    vdb_info("rbd %s/%s: requests succeed again", r->pool, r->name);
+}
+
 /* librbd's completion thread. */
 static void rbd_aio_done(rbd_completion_t c, void *arg)
 {
@@ -489,9 +504,11 @@ static void rbd_aio_done(rbd_completion_t c, void *arg)
 
   rbd_aio_release(c);
   if (ret < 0) {
+    rbd_note_result(a->r, req, (int)ret);
     vdb_req_complete(req, rbd_errno((long)ret));
     return;
   }
+  rbd_note_result(a->r, req, 0);
   if (req->type == VDB_REQ_READ && (uint64_t)ret < req->len) /* shrunk under us */
     memset((uint8_t *)req->buf + ret, 0, req->len - (uint64_t)ret);
   if (a->fua_pending) {

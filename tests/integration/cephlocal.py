@@ -133,6 +133,7 @@ keyring = %(d)s/mon/$cluster-$id/keyring
 osd data = %(d)s/osd/$cluster-$id
 keyring = %(d)s/osd/$cluster-$id/keyring
 osd objectstore = memstore
+osd fast shutdown = false
 memstore device bytes = %(mem)d
 osd max object name len = 256
 osd max object namespace len = 64
@@ -172,6 +173,7 @@ osd max object namespace len = 64
     def _start(self, timeout):
         t0 = time.time()
         self._write_conf()
+        self._start_watchdog()
         monkr = self._keys()
         osd_mkfs = subprocess.Popen(
             ["ceph-osd", "-c", self.conf, "-i", "0", "--mkfs", "--osd-uuid", self.osd_uuid,
@@ -201,6 +203,40 @@ osd max object namespace len = 64
             except AttributeError:
                 pass
         self.start_seconds = time.time() - t0
+
+    def _start_watchdog(self):
+        """A process that SIGKILLs this cluster's daemons (found by their
+        command line naming our config file) and removes the directory if
+        the test process dies without destroy()."""
+        code = r"""
+import os, shutil, signal, sys, time
+parent, conf, d = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+while os.path.exists(d):
+    try:
+        os.kill(parent, 0)
+    except ProcessLookupError:
+        break
+    time.sleep(1)
+else:
+    sys.exit(0)
+for pid in os.listdir("/proc"):
+    if pid.isdigit():
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if conf.encode() in args and args[0].split(b"/")[-1] in (b"ceph-mon", b"ceph-osd"):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+time.sleep(1)
+shutil.rmtree(d, ignore_errors=True)
+"""
+        self.watchdog = subprocess.Popen(["/usr/bin/python3", "-c", code, str(os.getpid()),
+                                          self.conf, self.dir], stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
 
     # ---- the admin client
     def client(self):
@@ -332,3 +368,9 @@ osd max object namespace len = 64
                 pass
         self.procs = {}
         shutil.rmtree(self.dir, ignore_errors=True)
+        if getattr(self, "watchdog", None):
+            try:
+                self.watchdog.wait(5)  # it sees the directory gone
+            except subprocess.TimeoutExpired:
+                self.watchdog.kill()
+            self.watchdog = None
