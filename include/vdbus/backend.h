@@ -183,8 +183,9 @@ int vdb_params_set(struct vdb_params *p, const char *key, const char *val);
  * requests in flight are not affected, and a disk that is the base of
  * overlays keeps its size (logged).  Any thread, after open() returned and
  * before close() returns; it must not be called while the caller holds a
- * lock that close() takes. */
-void vdb_backend_set_size(void *handle, uint64_t size);
+ * lock that close() takes.  Returns 0, or -ENOENT when no plugged disk has
+ * that handle (yet: the plug is still under way; try again later). */
+int vdb_backend_set_size(void *handle, uint64_t size);
 
 /* Set a human-readable error message for the current thread, to be returned
  * to the user along with the -errno an open() callback fails with ("pattern

@@ -293,10 +293,8 @@ static void rbd_check_size(struct rbd_disk *r)
 {
   uint64_t size;
 
-  if (rbd_get_size(r->image, &size) == 0 && size != r->size) {
-    r->size = size;
-    vdb_backend_set_size(r, size);
-  }
+  if (rbd_get_size(r->image, &size) == 0 && size != r->size && vdb_backend_set_size(r, size) == 0)
+    r->size = size; /* else not registered yet: the next poll tries again */
 }
 
 static void *rbd_worker(void *arg)

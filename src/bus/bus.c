@@ -496,7 +496,7 @@ void vdb_bus_unplug_all(void)
 
 /* ---- size changes made outside the bus ---- */
 
-void vdb_backend_set_size(void *handle, uint64_t size)
+int vdb_backend_set_size(void *handle, uint64_t size)
 {
   struct vdb_disk *d;
 
@@ -517,6 +517,7 @@ void vdb_backend_set_size(void *handle, uint64_t size)
     }
   }
   pthread_mutex_unlock(&bus_lock);
+  return d ? 0 : -ENOENT;
 }
 
 /* ---- snapshot and commit ---- */
