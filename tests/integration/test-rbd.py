@@ -465,6 +465,10 @@ def t_outage(d):
     c = cluster()
     tmo = 5
     plug_new(d, "o", "16M", timeout=tmo)
+    plug_new(d, "o2", "16M", timeout=tmo)
+    h2 = d.nbd("o2")
+    h2.pwrite(b"o2" * 2048, 0)
+    h2.shutdown()
     d.plug("ram", "--size", "16M", "--name", "ram", "--attach", "none")
     h = d.nbd("o")
     before = pattern(11, 2 * MiB)
@@ -514,6 +518,25 @@ def t_outage(d):
     check(time.time() - t0 < tmo + 6, "read failed after %.1fs" % (time.time() - t0))
     check(d.running(), "daemon alive")
     eq(d.info("ram")["stats"]["errors"], 0, "RAM disk errors")
+    # block status of stored data fails (or answers) within the timeout too
+    t0 = time.time()
+    try:
+        extents(h, MiB, 0)
+    except nbd.Error as e:
+        eq(e.errno, "EIO", "block status during the outage")
+    check(time.time() - t0 < tmo + 6, "block status took %.1fs" % (time.time() - t0))
+    # a plug during the outage fails within the timeout with a message; an
+    # unplug finishes (bounded by the timeout), the control socket answers
+    t0 = time.time()
+    rc, out, err = d.cli("plug", "rbd", "rbd/nosuch", "--attach", "none", *creds(c, tmo))
+    eq(rc, 1, "plug during the outage")
+    check(err.startswith("vdbus: plug: rbd backend: ") and len(err.strip().splitlines()) == 1,
+          "plug message: %r" % err)
+    check(time.time() - t0 < 3 * tmo + 6, "plug during the outage took %.1fs" % (time.time() - t0))
+    t0 = time.time()
+    d.cli_ok("unplug", "o2", timeout=60)
+    check(time.time() - t0 < 3 * tmo + 6, "unplug during the outage took %.1fs" % (time.time() - t0))
+    vdbtest._comment("outage: unplug took %.1fs" % (time.time() - t0))
     # the OSD comes back (SIGTERM kept memstore's data): I/O resumes
     c.start_osd()
     deadline = time.time() + 60
