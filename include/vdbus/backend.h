@@ -181,9 +181,10 @@ int vdb_params_set(struct vdb_params *p, const char *key, const char *val);
  * becomes size.  The bus only changes its size field (new requests are
  * checked against it; new NBD connections see it; `vdbus info` shows it);
  * requests in flight are not affected, and a disk that is the base of
- * overlays keeps its size (logged).  Any thread, after open() returned and
- * before close() returns; it must not be called while the caller holds a
- * lock that close() takes.  Returns 0, or -ENOENT when no plugged disk has
+ * overlays keeps its size (logged); a loop device follows (LOOP_SET_CAPACITY).
+ * From a thread of the backend's own, not from a data-path callback (it may
+ * wait for an event loop), after open() returned and before close()
+ * returns; not while the caller holds a lock that close() takes.  Returns 0, or -ENOENT when no plugged disk has
  * that handle (yet: the plug is still under way; try again later). */
 int vdb_backend_set_size(void *handle, uint64_t size);
 

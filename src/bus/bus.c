@@ -46,6 +46,7 @@ static void disk_free(struct vdb_disk *d)
     d->ops->close(d->handle);
   vdb_params_clear(&d->cfg.params);
   pthread_mutex_destroy(&d->lock);
+  pthread_mutex_destroy(&d->fe_lock);
   pthread_cond_destroy(&d->cond);
   free(d);
 }
@@ -288,6 +289,7 @@ static int disk_create(const struct vdb_disk_config *cfg, struct vdb_disk **out)
     return r;
   }
   pthread_mutex_init(&d->lock, NULL);
+  pthread_mutex_init(&d->fe_lock, NULL);
   pthread_cond_init(&d->cond, NULL);
   d->paused_tail = &d->paused_head;
   d->refs = 1;
@@ -431,11 +433,13 @@ static void disk_unplug(struct vdb_disk *d)
   pthread_mutex_lock(&d->lock);
   d->closing = true;
   pthread_mutex_unlock(&d->lock);
+  pthread_mutex_lock(&d->fe_lock);
   if (d->fe) {
     d->fe->detach(d, d->fe_priv);
     d->fe = NULL;
     d->device[0] = '\0';
   }
+  pthread_mutex_unlock(&d->fe_lock);
   disk_kick_users(d);
   disk_wait_idle(d);
   r = vdb_disk_flush_sync(d);
@@ -496,9 +500,12 @@ void vdb_bus_unplug_all(void)
 
 /* ---- size changes made outside the bus ---- */
 
+/* d stays valid: the backend calls this before its close() returns, and
+ * close() comes before d is freed. */
 int vdb_backend_set_size(void *handle, uint64_t size)
 {
   struct vdb_disk *d;
+  bool changed = false;
 
   pthread_mutex_lock(&bus_lock);
   for (d = disks; d; d = d->next)
@@ -514,10 +521,19 @@ int vdb_backend_set_size(void *handle, uint64_t size)
       /* Readers (request checks, NBD handshakes) read it unlocked. */
       __atomic_store_n(&d->size, size, __ATOMIC_RELEASE);
       d->info.size = size;
+      changed = true;
     }
   }
   pthread_mutex_unlock(&bus_lock);
-  return d ? 0 : -ENOENT;
+  if (!d)
+    return -ENOENT;
+  /* Not under bus_lock: a frontend may need its worker loop (FUSE), which
+   * may be waiting for bus_lock. */
+  pthread_mutex_lock(&d->fe_lock);
+  if (changed && !atomic_load(&d->closing) && d->fe && d->fe->resize)
+    d->fe->resize(d, d->fe_priv);
+  pthread_mutex_unlock(&d->fe_lock);
+  return 0;
 }
 
 /* ---- snapshot and commit ---- */

@@ -427,10 +427,21 @@ def t_restart(d):
     check(img, "")
 
 
-@case("rbd: an image resized with `rbd resize` shows its new size in vdbus info and NBD")
+@case("rbd: an image resized with `rbd resize` shows its new size in vdbus info, NBD and "
+      "the loop device")
 def t_resize(d):
     c = cluster()
-    img = plug_new(d, "rs", "16M")
+    loop = vdbtest.is_root() and os.path.exists("/dev/loop-control")
+    img = new_image_name()
+    d.plug("rbd", "rbd/" + img, "--create", "--size", "16M", "--name", "rs",
+           "--attach", "loop" if loop else "none", *creds(c))
+    dev = d.info("rs")["device"]
+    vdbtest._comment("resize: device %r" % dev)
+
+    def dev_size():
+        return int(run_ok(["blockdev", "--getsize64", dev]).strip())
+    if loop:
+        eq(dev_size(), 16 * MiB, "loop device size before")
     h = d.nbd("rs")
     eq(h.get_size(), 16 * MiB, "size before")
     c.rbd_cli("resize", "--size", "48M", "rbd/" + img)
@@ -438,6 +449,8 @@ def t_resize(d):
     while d.info("rs")["size"] != 48 * MiB and time.time() < deadline:
         time.sleep(0.2)
     eq(d.info("rs")["size"], 48 * MiB, "vdbus info after the resize")
+    if loop:
+        eq(dev_size(), 48 * MiB, "the loop device follows the resize")
     h2 = d.nbd("rs")
     eq(h2.get_size(), 48 * MiB, "a new NBD connection sees the new size")
     h2.pwrite(b"grown" * 800, 40 * MiB)
@@ -450,6 +463,8 @@ def t_resize(d):
     while d.info("rs")["size"] != 8 * MiB and time.time() < deadline:
         time.sleep(0.2)
     eq(d.info("rs")["size"], 8 * MiB, "vdbus info after shrinking")
+    if loop:
+        eq(dev_size(), 8 * MiB, "the loop device follows the shrink")
     h3 = d.nbd("rs")
     eq(h3.get_size(), 8 * MiB, "shrunk size over NBD")
     eq(nbd_errno(h3.pread, 4096, 40 * MiB), errno.EINVAL, "read past the new end")
