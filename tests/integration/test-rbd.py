@@ -9,6 +9,7 @@ Without the Ceph packages every case is skipped (77); with them, a cluster
 that cannot start is a failure.  CI installs them (tests/deps.sh)."""
 import errno
 import hashlib
+import json
 import os
 import random
 import sys
@@ -144,6 +145,10 @@ def t_plug_errors(d):
         check(time.time() - t0 < 20, "plug rbd %s took %.1fs" % (args, time.time() - t0))
     check(d.running(), "daemon alive")
     eq([x["name"] for x in d.list()], ["r1"], "only r1 plugged")
+    usage = d.cli_ok("help", "backend", "rbd")
+    check("image=[rbd:]POOL/IMAGE[@SNAP]" in usage and "timeout=SECS" in usage, usage)
+    check(any(b["name"] == "rbd" and b["positional"] == "image"
+              for b in json.loads(d.cli_ok("backends", "--json"))), "rbd in vdbus backends")
     h = d.nbd("r1")
     h.pwrite(b"still fine" * 100, 0)
     eq(h.pread(1000, 0), b"still fine" * 100, "r1 still serves I/O")
@@ -425,6 +430,33 @@ def t_restart(d):
     eq(hs.pread(4096, 0), bytes(4096), "snapshot does not see later writes")
     hs.shutdown()
     check(img, "")
+
+
+@case("rbd: after kill -9 of vdbusd the disk comes back; writes resume once the dead "
+      "client's exclusive lock expires", timeout=200)
+def t_kill9(d):
+    import nbd
+    plug_new(d, "k", "16M")
+    h = d.nbd("k")
+    h.pwrite(pattern(6, MiB), 0)   # takes the exclusive lock
+    h.shutdown()
+    d.restart(kill=True)
+    eq([x["name"] for x in d.list()], ["k"], "disk back after kill -9")
+    h = d.nbd("k")
+    eq(h.pread(MiB, 0), pattern(6, MiB), "data after kill -9 (reads need no lock)")
+    t0 = time.time()
+    deadline = t0 + 90
+    while True:
+        try:
+            h.pwrite(b"new!" * 1024, MiB)
+            break
+        except nbd.Error as e:
+            check(time.time() < deadline, "writes did not resume: %s" % e)
+            time.sleep(0.2)
+    vdbtest._comment("kill -9: first write after %.1fs (the dead client's watch expires)" %
+                     (time.time() - t0))
+    eq(h.pread(4096, MiB), b"new!" * 1024, "write after kill -9")
+    h.shutdown()
 
 
 @case("rbd: an image resized with `rbd resize` shows its new size in vdbus info, NBD and "
