@@ -126,6 +126,19 @@ static int rbd_parse_spec(struct rbd_disk *r, const char *spec)
   return 0;
 }
 
+/* Whole seconds, 0 to a day. */
+static bool rbd_timeout_ok(const char *s)
+{
+  char *end;
+  unsigned long v;
+
+  if (*s < '0' || *s > '9')
+    return false;
+  errno = 0;
+  v = strtoul(s, &end, 10);
+  return !*end && errno == 0 && v <= 86400;
+}
+
 static int rbd_parse_params(struct rbd_disk *r, const struct vdb_params *params)
 {
   const char *image = vdb_params_get(params, "image");
@@ -133,7 +146,6 @@ static int rbd_parse_params(struct rbd_disk *r, const struct vdb_params *params)
   const char *timeout = vdb_params_get(params, "timeout");
   const char *conf = vdb_params_get(params, "conf"), *id = vdb_params_get(params, "id");
   const char *keyring = vdb_params_get(params, "keyring");
-  char *end;
   int rc;
 
   if (!image || !*image) {
@@ -154,8 +166,7 @@ static int rbd_parse_params(struct rbd_disk *r, const struct vdb_params *params)
     }
     snprintf(r->snap, sizeof r->snap, "%s", snap);
   }
-  if (timeout && (strtoul(timeout, &end, 10), end == timeout || *end || timeout[0] == '-' ||
-                  strtoul(timeout, NULL, 10) > 86400)) {
+  if (timeout && !rbd_timeout_ok(timeout)) {
     vdb_set_error("rbd backend: bad timeout '%s': whole seconds, 0 to 86400 (0 = none)", timeout);
     return -EINVAL;
   }
