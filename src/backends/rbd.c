@@ -209,7 +209,8 @@ static int rbd_configure(struct rbd_disk *r)
   if ((rc = rbd_conf_set(r, "rados_osd_op_timeout", t)) < 0 ||
       (rc = rbd_conf_set(r, "rados_mon_op_timeout", t)) < 0 ||
       (rc = rbd_conf_set(r, "client_mount_timeout", strcmp(t, "0") ? t : "300")) < 0 ||
-      (rc = rbd_conf_set(r, "rbd_cache", r->cache ? "true" : "false")) < 0)
+      (rc = rbd_conf_set(r, "rbd_cache", r->cache ? "true" : "false")) < 0 ||
+      (r->cache && (rc = rbd_conf_set(r, "rbd_cache_policy", "writeback")) < 0))
     return rc;
   return 0;
 }

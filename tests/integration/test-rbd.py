@@ -240,6 +240,35 @@ def t_nbd(d):
     eq(st["errors"], 0, "no I/O errors counted")
 
 
+@case("rbd: cache=1 (librbd writeback cache): FUA writes, flush, data after re-plug")
+def t_cache(d):
+    import nbd
+    c = cluster()
+    img = plug_new(d, "wc", "16M", extra=("--param", "cache=1"))
+    h = d.nbd("wc")
+    check(h.can_flush() and h.can_fua(), "flush and FUA offered")
+    h.pwrite(pattern(30, MiB), 0)
+    h.pwrite(pattern(31, 64 * KiB), 2 * MiB, nbd.CMD_FLAG_FUA)
+    h.flush()
+    h.pwrite(pattern(32, 4096), 3 * MiB, nbd.CMD_FLAG_FUA)
+    eq(h.pread(MiB, 0), pattern(30, MiB), "cached write reads back")
+    # another client (no vdbus, no cache) sees what was flushed or written
+    # with FUA, while the disk is still plugged (after the first flush the
+    # cache is writeback: only the FUA flush puts pattern 32 on the OSD)
+    import rbd
+    with c.ioctx() as io:
+        with rbd.Image(io, img, read_only=True) as im:
+            eq(im.read(0, MiB), pattern(30, MiB), "flushed data in the cluster")
+            eq(im.read(2 * MiB, 64 * KiB), pattern(31, 64 * KiB), "FUA data in the cluster")
+            eq(im.read(3 * MiB, 4096), pattern(32, 4096), "FUA write after the flush")
+    h.pwrite(pattern(33, 4096), 4 * MiB)
+    h.shutdown()
+    d.cli_ok("unplug", "wc")   # flushes
+    with c.ioctx() as io:
+        with rbd.Image(io, img, read_only=True) as im:
+            eq(im.read(4 * MiB, 4096), pattern(33, 4096), "unplug flushed the cache")
+
+
 @case("rbd: fio verify (crc32c) through the NBD export, 4k random writes QD16", timeout=240)
 def t_fio(d):
     check(have("fio"), "fio missing")
