@@ -600,6 +600,12 @@ static void rbd_block_status_run(struct rbd_disk *r, struct vdb_req *req)
   struct rbd_bs b = { req, req->offset, req->offset + req->len, false };
   int rc;
 
+  /* Writes acknowledged from the client cache must count as data: write
+   * them out first (librbd's diff does too; do not depend on it). */
+  if (r->cache && (rc = rbd_flush(r->image)) < 0) {
+    vdb_req_complete(req, rbd_errno(rc));
+    return;
+  }
   rc = rbd_diff_iterate2(r->image, NULL, req->offset, req->len, 1, r->whole_object, rbd_bs_cb, &b);
   if (rc < 0 && rc != -ECANCELED) {
     /* Unknown is data: describe what is left as data rather than fail,

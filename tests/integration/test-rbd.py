@@ -262,6 +262,9 @@ def t_cache(d):
             eq(im.read(2 * MiB, 64 * KiB), pattern(31, 64 * KiB), "FUA data in the cluster")
             eq(im.read(3 * MiB, 4096), pattern(32, 4096), "FUA write after the flush")
     h.pwrite(pattern(33, 4096), 4 * MiB)
+    # a cached, unflushed write into a new object is data for block status
+    h.pwrite(pattern(34, 4096), 12 * MiB)
+    eq(flags_at(extents(h, OBJ, 12 * MiB), 12 * MiB, 4096), {0}, "cached write is data")
     h.shutdown()
     d.cli_ok("unplug", "wc")   # flushes
     with c.ioctx() as io:
