@@ -76,7 +76,7 @@
 extern "C" {
 #endif
 
-#define VDB_BACKEND_API_VERSION 1
+#define VDB_BACKEND_API_VERSION 2
 
 enum vdb_req_type {
   VDB_REQ_READ = 0,
@@ -176,6 +176,22 @@ const char *vdb_params_get(const struct vdb_params *p, const char *key);
 int vdb_params_get_size(const struct vdb_params *p, const char *key, uint64_t *out);
 /* A boolean parameter: absent = false; "1", "true", "yes", "on" = true. */
 bool vdb_params_get_bool(const struct vdb_params *p, const char *key);
+/* Appended in API version 2.  Set (or replace) key to val in p, copying
+ * both: for the parameters a snapshot op fills.  Returns 0, -E2BIG when p
+ * is full, -ENOMEM. */
+int vdb_params_set(struct vdb_params *p, const char *key, const char *val);
+
+/* Appended in API version 2.  The storage behind the open instance handle
+ * changed size outside the bus (an image resized elsewhere): the disk's size
+ * becomes size.  The bus only changes its size field (new requests are
+ * checked against it; new NBD connections see it; `vdbus info` shows it);
+ * requests in flight are not affected, and a disk that is the base of
+ * overlays keeps its size (logged); a loop device follows (LOOP_SET_CAPACITY).
+ * From a thread of the backend's own, not from a data-path callback (it may
+ * wait for an event loop), after open() returned and before close()
+ * returns; not while the caller holds a lock that close() takes.  Returns 0, or -ENOENT when no plugged disk has
+ * that handle (yet: the plug is still under way; try again later). */
+int vdb_backend_set_size(void *handle, uint64_t size);
 
 /* Set a human-readable error message for the current thread, to be returned
  * to the user along with the -errno an open() callback fails with ("pattern
@@ -251,6 +267,16 @@ struct vdb_backend_ops {
   void (*block_status)(void *handle, struct vdb_req *req); /* Optional: NULL = all data */
 
   uint32_t flags;         /* Optional: VDB_BACKEND_* (unknown bits are refused) */
+
+  /* Appended in API version 2. */
+  /* Optional: create a backend-native snapshot called snap_name (e.g. an
+   * RBD snapshot) of the instance's current data, and fill snap_params
+   * (empty on entry; the bus frees it) with the parameters that open that
+   * snapshot, read-only, with this same backend.  Control thread, may
+   * block; the bus has paused the disk (nothing in flight) and flushed it.
+   * Returns 0 or -errno after vdb_set_error().  NULL: `vdbus snapshot`
+   * uses a copy-on-write overlay instead. */
+  int (*snapshot)(void *handle, const char *snap_name, struct vdb_params *snap_params);
   /* Fields appended in later API versions go here. */
 };
 

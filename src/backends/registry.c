@@ -19,6 +19,9 @@ static const struct vdb_backend_ops *const vdb_backends[] = {
   &vdb_backend_delay,
   &vdb_backend_trace,
   &vdb_backend_cow,
+#ifdef VDB_HAVE_RBD
+  &vdb_backend_rbd,
+#endif
   NULL,
 };
 
@@ -36,6 +39,7 @@ static size_t nplugins;
  * version: the smallest struct_size a backend of that version may have. */
 static const size_t ops_min_size[] = {
   [1] = offsetof(struct vdb_backend_ops, flags) + sizeof(uint32_t),
+  [2] = offsetof(struct vdb_backend_ops, snapshot) + sizeof(void (*)(void)),
 };
 _Static_assert(sizeof ops_min_size / sizeof ops_min_size[0] == VDB_BACKEND_API_VERSION + 1,
                "ops_min_size needs the size of every API version");

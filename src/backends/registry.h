@@ -19,6 +19,9 @@ extern const struct vdb_backend_ops vdb_backend_nbd;
 extern const struct vdb_backend_ops vdb_backend_error;
 extern const struct vdb_backend_ops vdb_backend_delay;
 extern const struct vdb_backend_ops vdb_backend_trace;
+#ifdef VDB_HAVE_RBD
+extern const struct vdb_backend_ops vdb_backend_rbd;
+#endif
 
 /* The origin of an in-tree backend (a plugin's origin is its path). */
 #define VDB_BACKEND_ORIGIN_BUILTIN "built-in"

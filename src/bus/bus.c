@@ -46,6 +46,7 @@ static void disk_free(struct vdb_disk *d)
     d->ops->close(d->handle);
   vdb_params_clear(&d->cfg.params);
   pthread_mutex_destroy(&d->lock);
+  pthread_mutex_destroy(&d->fe_lock);
   pthread_cond_destroy(&d->cond);
   free(d);
 }
@@ -289,6 +290,7 @@ static int disk_create(const struct vdb_disk_config *cfg, struct vdb_disk **out)
     return r;
   }
   pthread_mutex_init(&d->lock, NULL);
+  pthread_mutex_init(&d->fe_lock, NULL);
   pthread_cond_init(&d->cond, NULL);
   d->paused_tail = &d->paused_head;
   d->refs = 1;
@@ -432,11 +434,13 @@ static void disk_unplug(struct vdb_disk *d)
   pthread_mutex_lock(&d->lock);
   d->closing = true;
   pthread_mutex_unlock(&d->lock);
+  pthread_mutex_lock(&d->fe_lock);
   if (d->fe) {
     d->fe->detach(d, d->fe_priv);
     d->fe = NULL;
     d->device[0] = '\0';
   }
+  pthread_mutex_unlock(&d->fe_lock);
   disk_kick_users(d);
   disk_wait_idle(d);
   r = vdb_disk_flush_sync(d);
@@ -493,6 +497,44 @@ void vdb_bus_unplug_all(void)
       break;
     disk_unplug(d);
   }
+}
+
+/* ---- size changes made outside the bus ---- */
+
+/* d stays valid: the backend calls this before its close() returns, and
+ * close() comes before d is freed. */
+int vdb_backend_set_size(void *handle, uint64_t size)
+{
+  struct vdb_disk *d;
+  bool changed = false;
+
+  pthread_mutex_lock(&bus_lock);
+  for (d = disks; d; d = d->next)
+    if (d->handle == handle && !d->closing)
+      break;
+  if (d && d->size != size) {
+    if (atomic_load(&d->dependents) > 0) {
+      vdb_warn("%s: the storage is now %llu bytes; the disk keeps %llu (overlays use it)",
+               d->name, (unsigned long long)size, (unsigned long long)d->size);
+    } else {
+      vdb_info("%s: size changed from %llu to %llu bytes", d->name,
+               (unsigned long long)d->size, (unsigned long long)size);
+      /* Readers (request checks, NBD handshakes) read it unlocked. */
+      __atomic_store_n(&d->size, size, __ATOMIC_RELEASE);
+      d->info.size = size;
+      changed = true;
+    }
+  }
+  pthread_mutex_unlock(&bus_lock);
+  if (!d)
+    return -ENOENT;
+  /* Not under bus_lock: a frontend may need its worker loop (FUSE), which
+   * may be waiting for bus_lock. */
+  pthread_mutex_lock(&d->fe_lock);
+  if (changed && !atomic_load(&d->closing) && d->fe && d->fe->resize)
+    d->fe->resize(d, d->fe_priv);
+  pthread_mutex_unlock(&d->fe_lock);
+  return 0;
 }
 
 /* ---- snapshot and commit ---- */
@@ -627,6 +669,49 @@ err_s:
   return r;
 }
 
+/* A backend-native snapshot (ops->snapshot): with d paused and flushed the
+ * backend makes it and says how to open it; it is plugged as a read-only
+ * snapshot disk with those parameters, and d stays as it is. */
+static int snapshot_native(struct vdb_disk *d, const struct vdb_disk_config *snap_cfg,
+                           struct vdb_disk **out)
+{
+  struct vdb_disk_config cfg;
+  int r = vdb_disk_pause(d, BUS_PAUSE_MS);
+
+  if (r < 0) {
+    vdb_set_error("snapshot of '%s': requests still in flight after %d s", d->name,
+                  BUS_PAUSE_MS / 1000);
+    return r;
+  }
+  memset(&cfg, 0, sizeof cfg);
+  vdb_params_init(&cfg.params);
+  r = vdb_disk_flush_sync(d);
+  if (r < 0)
+    vdb_set_error("snapshot of '%s': flush failed: %s", d->name, strerror(-r));
+  else
+    r = d->ops->snapshot(d->handle, snap_cfg->name, &cfg.params);
+  vdb_disk_resume(d);
+  if (r < 0)
+    goto out;
+  snprintf(cfg.name, sizeof cfg.name, "%s", snap_cfg->name);
+  snprintf(cfg.backend, sizeof cfg.backend, "%s", d->cfg.backend);
+  snprintf(cfg.attach, sizeof cfg.attach, "%s", snap_cfg->attach);
+  cfg.block_size = d->block_size;
+  cfg.export = snap_cfg->export;
+  cfg.readonly = cfg.snapshot = true;
+  r = vdb_bus_plug(&cfg, out);
+  if (r < 0) {
+    char why[512];
+    snprintf(why, sizeof why, "%s", vdb_get_error());
+    vdb_set_error("snapshot of '%s' taken by its backend, but plugging it failed: %s", d->name,
+                  why);
+  } else
+    vdb_info("snapshot %s of %s taken by backend %s", snap_cfg->name, d->name, d->cfg.backend);
+out:
+  vdb_params_clear(&cfg.params);
+  return r;
+}
+
 int vdb_bus_snapshot(const char *name, const struct vdb_disk_config *snap_cfg,
                      const char *store, struct vdb_disk **out)
 {
@@ -638,6 +723,10 @@ int vdb_bus_snapshot(const char *name, const struct vdb_disk_config *snap_cfg,
     return -ENOENT;
   }
   r = snapshot_check(d, snap_cfg);
+  if (r == 0 && d->ops->snapshot) {
+    r = snapshot_native(d, snap_cfg, out);
+    goto out;
+  }
   if (r == 0)
     r = snapshot_create(d, snap_cfg, &s);
   if (r < 0)

@@ -74,6 +74,7 @@ struct vdb_disk {
   const struct vdb_frontend_ops *fe;
   void *fe_priv;
   char device[VDB_DEVICE_MAX];          /* "/dev/loop3" or "" */
+  pthread_mutex_t fe_lock;              /* serializes detach with fe->resize */
 
   struct vdb_disk_stats stats;
 

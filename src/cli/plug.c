@@ -18,12 +18,13 @@ static const struct { const char *opt, *key; } param_opts[] = {
   { "--delay-other", "delay-other" }, { "--trace-file", "trace-file" },
   { "--connections", "connections" }, { "--timeout", "timeout" },
   { "--base", "base" }, { "--store", "store" }, { "--chunk-size", "chunk-size" },
+  { "--snap", "snap" }, { "--conf", "conf" }, { "--id", "id" }, { "--keyring", "keyring" },
 };
 
 /* Backends that take a positional argument, and the parameter it becomes
  * (paths are made absolute). */
 static const struct { const char *backend, *key; bool path; } positionals[] = {
-  { "file", "path", true }, { "nbd", "uri", false },
+  { "file", "path", true }, { "nbd", "uri", false }, { "rbd", "image", false },
 };
 
 struct plug_req {
@@ -95,7 +96,8 @@ static bool plug_param_opt(struct plug_req *p, int argc, char **argv, int *i)
       const char *v = opt_value(argc, argv, i);
       if (strcmp(param_opts[k].key, "size") == 0 || strcmp(param_opts[k].key, "chunk-size") == 0)
         check_size(v);
-      if (strcmp(param_opts[k].key, "trace-file") == 0)
+      if (strcmp(param_opts[k].key, "trace-file") == 0 || strcmp(param_opts[k].key, "conf") == 0 ||
+          strcmp(param_opts[k].key, "keyring") == 0)
         json_object_set_new(p->params, param_opts[k].key, abs_path(v));
       else if (strcmp(param_opts[k].key, "store") == 0 && strncmp(v, "file:", 5) == 0)
         json_object_set_new(p->params, "store", store_path(v + 5));

@@ -33,6 +33,10 @@ struct vdb_frontend_ops {
   void (*cleanup_unclaimed)(void);
   /* Optional.  One line for `vdbus info` (queues, features…). */
   void (*describe)(struct vdb_disk *d, void *priv, char *buf, size_t len);
+  /* Optional.  d->size changed (storage resized elsewhere): make the
+   * device follow if it can.  Any thread but a worker loop's, under
+   * d->fe_lock (never concurrently with detach); may block briefly. */
+  void (*resize)(struct vdb_disk *d, void *priv);
 };
 
 extern const struct vdb_frontend_ops vdb_frontend_loop;

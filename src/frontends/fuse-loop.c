@@ -53,7 +53,7 @@
 #define LF_BUF_ALIGN 4096u
 #define LF_BUF_GRANULE (64u << 10)    /* buffers grow in steps of this */
 #define LF_RECV_BATCH 64              /* requests per readable event */
-#define LF_ATTR_TIMEOUT 86400.0       /* the size never changes */
+#define LF_ATTR_TIMEOUT 86400.0       /* the size changes only by lf_resize (invalidates) */
 #define LF_CONFIGURE_TRIES 16
 #define LF_RELEASE_WAIT_MS 3000       /* wait for the loop to let go of the file */
 #define LF_NAME_PREFIX "vdbus:"
@@ -813,6 +813,31 @@ static void lf_detach(struct vdb_disk *d, void *priv)
   free(lf);
 }
 
+/* The disk's size changed: drop the kernel's cached attributes of the FUSE
+ * file, stat it (a fresh getattr, served by the worker loop, updates the
+ * inode's size) and have the loop device re-read its capacity.  Not on
+ * the worker loop serving lf->se. */
+static void lf_resize(struct vdb_disk *d, void *priv)
+{
+  struct loop_fe *lf = priv;
+  struct stat st;
+  int r;
+
+  if (!lf || !lf->se || lf->loop_fd < 0)
+    return;
+  r = fuse_lowlevel_notify_inval_inode(lf->se, FUSE_ROOT_ID, -1, 0);
+  if (r < 0 && r != -ENOENT)
+    vdb_warn("%s: invalidate the FUSE file's attributes: %s", d->name, strerror(-r));
+  if (stat(lf->path, &st) < 0) {
+    vdb_warn("%s: stat %s: %s", d->name, lf->path, strerror(errno));
+    return;
+  }
+  if (ioctl(lf->loop_fd, LOOP_SET_CAPACITY, 0) < 0)
+    vdb_warn("%s: LOOP_SET_CAPACITY on %s: %s", d->name, lf->dev, strerror(errno));
+  else
+    vdb_info("%s: %s now has %lld bytes", d->name, lf->dev, (long long)st.st_size);
+}
+
 /* ---- probe ---- */
 
 static int lf_probe(void)
@@ -918,4 +943,5 @@ const struct vdb_frontend_ops vdb_frontend_loop = {
   .busy = lf_busy,
   .detach = lf_detach,
   .cleanup_stale = lf_cleanup_stale,
+  .resize = lf_resize,
 };

@@ -90,7 +90,7 @@ def t_list(d):
     check("Plugin: " + os.path.realpath(PATTERN_SO) in out, "help shows no plugin path: %r" % out)
     check("size=SIZE" in out and "sets size=ARG" in out, "help backend pattern: %r" % out)
     check("Plugin:" not in d.cli_ok("help", "backend", "ram"), "help backend ram names a plugin")
-    check("plugin %s: backend 'pattern' (API version 1)" % os.path.realpath(PATTERN_SO) in d.log(),
+    check("plugin %s: backend 'pattern' (API version 2)" % os.path.realpath(PATTERN_SO) in d.log(),
           "no load line in the daemon log")
 
 
@@ -276,10 +276,10 @@ BAD = {
                 "no entry point vdb_backend_plugin_init()"),
     "api99": (GOOD_BODY + OPS % dict(decl="static const struct vdb_backend_ops ops", api=99,
                                      size="sizeof ops", name="api99", read="t_read")
-              + "VDB_BACKEND_PLUGIN(ops)\n", "API version 99 (this vdbusd supports 1 to 1)"),
+              + "VDB_BACKEND_PLUGIN(ops)\n", "API version 99 (this vdbusd supports 1 to 2)"),
     "api0": (GOOD_BODY + OPS % dict(decl="static const struct vdb_backend_ops ops", api=0,
                                     size="sizeof ops", name="api0", read="t_read")
-             + "VDB_BACKEND_PLUGIN(ops)\n", "API version 0 (this vdbusd supports 1 to 1)"),
+             + "VDB_BACKEND_PLUGIN(ops)\n", "API version 0 (this vdbusd supports 1 to 2)"),
     "clash": (GOOD_BODY + OPS % dict(decl="static const struct vdb_backend_ops ops", api=1,
                                      size="sizeof ops", name="ram", read="t_read")
               + "VDB_BACKEND_PLUGIN(ops)\n", "backend name 'ram' is taken by the built-in backend"),

@@ -37,7 +37,13 @@ static int check_variant(void (*change)(struct vdb_backend_ops *), char *why, si
 }
 
 static void v_api0(struct vdb_backend_ops *o) { o->api_version = 0; }
-static void v_api2(struct vdb_backend_ops *o) { o->api_version = VDB_BACKEND_API_VERSION + 1; }
+static void v_api_new(struct vdb_backend_ops *o) { o->api_version = VDB_BACKEND_API_VERSION + 1; }
+/* A version 2 table must reach past the version 2 field (snapshot). */
+static void v_small2(struct vdb_backend_ops *o)
+{
+  o->api_version = 2;
+  o->struct_size = offsetof(struct vdb_backend_ops, flags) + sizeof(uint32_t);
+}
 static void v_small(struct vdb_backend_ops *o) { o->struct_size = offsetof(struct vdb_backend_ops, flags); }
 static void v_huge(struct vdb_backend_ops *o) { o->struct_size = 1u << 20; }
 static void v_noname(struct vdb_backend_ops *o) { o->name = NULL; }
@@ -58,7 +64,8 @@ static void v_ctrl(struct vdb_backend_ops *o) { o->usage = "a\033[2Jb\n"; }
 static void test_rules(void)
 {
   static const struct { void (*change)(struct vdb_backend_ops *); const char *why; } bad[] = {
-    { v_api0, "API version 0" }, { v_api2, "API version 2" }, { v_small, "is smaller than" },
+    { v_api0, "API version 0" }, { v_api_new, "API version 3" }, { v_small, "is smaller than" },
+    { v_small2, "smaller than the API version 2 ops struct" },
     { v_huge, "implausible" }, { v_noname, "no name" }, { v_empty, "is empty" },
     { v_upper, "characters other than" }, { v_dash, "starts with '-'" },
     { v_long, "longer than 31" }, { v_nousage, "has no usage" },
@@ -103,7 +110,8 @@ static void test_newer(void)
 /* Registering: clashes, lookups, and a short struct widened with zeroes. */
 static void test_register(void)
 {
-  /* A v1-minimum table followed by garbage that must not be read. */
+  /* A v1 table (a plugin built against the version 1 header) followed by
+   * garbage that must not be read. */
   struct { struct vdb_backend_ops ops; } raw;
   const struct vdb_backend_ops *f;
   const char *origin;
@@ -115,10 +123,11 @@ static void test_register(void)
   memset(&raw, 0xff, sizeof raw);
   memcpy(&raw.ops, &good, offsetof(struct vdb_backend_ops, flags) + sizeof(uint32_t));
   raw.ops.name = "short";
+  raw.ops.api_version = 1;
   raw.ops.struct_size = offsetof(struct vdb_backend_ops, flags) + sizeof(uint32_t);
   CHECK(vdb_backend_register(&raw.ops, "/x/short.so", NULL, why, sizeof why) == 0);
   f = vdb_backend_find("short");
-  CHECK(f && f != &raw.ops && f->read == t_read && f->flags == 0);
+  CHECK(f && f != &raw.ops && f->read == t_read && f->flags == 0 && f->snapshot == NULL);
   /* the tail padding (0xff in raw) reads as zero in the copy */
   CHECK(f && ((const uint8_t *)f)[sizeof *f - 1] == 0);
 
