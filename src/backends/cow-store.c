@@ -161,7 +161,11 @@ static int store_open_file(struct cow_store *st, const char *path, const char *b
   }
   if (st->fd < 0) {
     r = -errno;
-    vdb_set_error("cow backend: cannot open the store %s: %s", path, strerror(errno));
+    if (r == -ENOENT && st->readonly)
+      vdb_set_error("cow backend: a read-only overlay needs an existing store; %s does not exist",
+                    path);
+    else
+      vdb_set_error("cow backend: cannot open the store %s: %s", path, strerror(errno));
     return r;
   }
   if (flock(st->fd, (st->readonly ? LOCK_SH : LOCK_EX) | LOCK_NB) < 0) {
