@@ -113,6 +113,41 @@ else
   fail "busy unplug tests" "plug/mkfs/mount failed"
 fi
 
+# ---- snapshot of a mounted ublk disk while fio writes to it: the writer
+# never notices (the disk becomes an overlay under its feet), and a clone of
+# the snapshot, attached as another ublk device, has the files from before
+# (crash-consistent: the clone's journal is replayed into its own overlay).
+if $V plug ram --size 96M --name snapsrc --attach ublk >/dev/null && dev=$(devof snapsrc) &&
+   mkfs.ext4 -q -F "$dev" && mount "$dev" /mnt/a && fill /mnt/a /tmp/snap.sum && sync; then
+  fio --name=snap --directory=/mnt/a --size=16M --rw=randwrite --bs=4k --ioengine=io_uring \
+      --direct=1 --iodepth=16 --verify=crc32c --verify_fatal=1 > /tmp/fio-snap.out 2>&1 &
+  wfio=$!
+  sleep 1
+  kill -0 $wfio 2>/dev/null && during=yes || during=no
+  $V snapshot snapsrc --as snap1 >/dev/null 2>/tmp/snap.err; src=$?
+  wait $wfio; frc=$?
+  echo "# snapshot taken with fio running: $during"
+  if [ $src = 0 ] && [ $frc = 0 ] && [ "$(devof snapsrc)" = "$dev" ] &&
+     $V clone snap1 --as snapc --attach ublk >/dev/null && cdev=$(devof snapc) &&
+     mount "$cdev" /mnt/b && (cd /mnt/b && sha256sum -c -s /tmp/snap.sum); then
+    umount /mnt/b
+    if (cd /mnt/a && sha256sum -c -s /tmp/snap.sum) && umount /mnt/a &&
+       e2fsck -fn "$dev" >/dev/null 2>&1 && e2fsck -fn "$cdev" >/dev/null 2>&1; then
+      pass "snapshot of a mounted ublk disk under fio verify: writer unharmed, clone has the files, fsck clean"
+    else
+      fail "snapshot of a mounted ublk disk under fio verify: writer unharmed, clone has the files, fsck clean" \
+        "after the clone check"
+    fi
+  else
+    fail "snapshot of a mounted ublk disk under fio verify: writer unharmed, clone has the files, fsck clean" \
+      "snapshot rc $src ($(cat /tmp/snap.err)), fio rc $frc, $(tail -2 /tmp/fio-snap.out)"
+  fi
+  umount /mnt/b 2>/dev/null; umount /mnt/a 2>/dev/null
+  $V unplug snapc >/dev/null 2>&1; $V unplug snapsrc >/dev/null 2>&1; $V unplug snap1 >/dev/null 2>&1
+else
+  fail "snapshot test" "plug/mkfs/mount/fill failed"
+fi
+
 # ---- kill -9 in the middle of writes to a mounted filesystem
 # A file disk (restored at restart) and a RAM disk (volatile: not restored,
 # its stale device must be deleted).
