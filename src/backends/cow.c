@@ -240,6 +240,13 @@ static void cow_close(void *handle)
   free(c);
 }
 
+void vdb_cow_store_path(void *handle, char *buf, size_t len)
+{
+  struct cow *c = handle;
+
+  snprintf(buf, len, "%s", c->st.is_file ? c->st.path : "");
+}
+
 struct vdb_disk *vdb_cow_base(void *handle)
 {
   return ((struct cow *)handle)->base;

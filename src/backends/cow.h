@@ -4,6 +4,7 @@
 #define VDB_BACKENDS_COW_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "bus/bus.h"
@@ -12,6 +13,9 @@ extern const struct vdb_backend_ops vdb_backend_cow;
 
 /* The base disk of an overlay instance (borrowed reference). */
 struct vdb_disk *vdb_cow_base(void *handle);
+
+/* The path of a file store into buf, or "" for a RAM store. */
+void vdb_cow_store_path(void *handle, char *buf, size_t len);
 
 /* Commit, in three steps (the bus pauses the overlay around 1 and 3):
  * 1. begin: mark every chunk the store holds as being committed;

@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <limits.h>
+#include <unistd.h>
 
 #include "backends/cow.h"
 #include "backends/registry.h"
@@ -467,8 +469,10 @@ int vdb_bus_unplug(const char *name, bool force)
   if (atomic_load(&d->dependents) > 0) {
     char names[256];
     bus_dependent_names(d, names, sizeof names);
-    vdb_set_error("disk '%s' is the base of %s; unplug %s first", name,
-                  names[0] ? names : "an overlay", names[0] ? "them" : "it");
+    vdb_set_error("disk '%s' is the base of %s; unplug %s first%s", name,
+                  names[0] ? names : "an overlay", names[0] ? "them" : "it",
+                  d->cfg.snapshot && atomic_load(&d->dependents) == 1 ?
+                  " (or unplug --merge: fold its changes into the snapshot's storage)" : "");
     return -EBUSY;
   }
   if (!force) {
@@ -587,16 +591,13 @@ static int snapshot_create(struct vdb_disk *d, const struct vdb_disk_config *sna
   snprintf(cfg.name, sizeof cfg.name, "%s", snap_cfg->name);
   snprintf(cfg.attach, sizeof cfg.attach, "%s", snap_cfg->attach);
   cfg.export = snap_cfg->export;
-  cfg.readonly = cfg.snapshot = true;
+  /* Read-only by being a snapshot: its storage stays open for writing, so
+   * that unplug --merge can fold its overlay's changes back into it. */
+  cfg.snapshot = true;
   cfg.fe_state[0] = '\0';
   r = disk_create(&cfg, &s);
   if (r < 0)
     return r;
-  r = vdb_params_set(&s->cfg.params, "readonly", "1");
-  if (r < 0) {
-    vdb_disk_put(s);
-    return r;
-  }
   snprintf(s->name, sizeof s->name, "%s", cfg.name);
   s->block_size = d->block_size;
   s->export = cfg.export;
@@ -820,5 +821,148 @@ int vdb_bus_commit(const char *name, uint64_t *bytes)
              vdb_cow_base(d->handle)->name);
 out:
   vdb_disk_put(d);
+  return r;
+}
+
+/* ---- dropping a snapshot: its one overlay's changes merged into it ---- */
+
+/* The only overlay of s, with a reference; NULL if there are 0 or several. */
+static struct vdb_disk *bus_sole_overlay(struct vdb_disk *s)
+{
+  struct vdb_disk *o = NULL;
+  int n = 0;
+
+  pthread_mutex_lock(&bus_lock);
+  for (struct vdb_disk *x = disks; x; x = x->next)
+    if (x->ops == &vdb_backend_cow && x->handle && vdb_cow_base(x->handle) == s) {
+      o = x;
+      n++;
+    }
+  if (n == 1)
+    vdb_disk_get(o);
+  else
+    o = NULL;
+  pthread_mutex_unlock(&bus_lock);
+  return o;
+}
+
+static int merge_check(struct vdb_disk *s, struct vdb_disk *o)
+{
+  if (!s->cfg.snapshot) {
+    vdb_set_error("disk '%s' is not a snapshot: only a snapshot's storage takes its overlay's "
+                  "changes (use 'vdbus commit' for other bases)", s->name);
+    return -EINVAL;
+  }
+  if (!o) {
+    vdb_set_error("snapshot '%s' has %d overlays: --merge needs exactly one", s->name,
+                  atomic_load(&s->dependents));
+    return -EBUSY;
+  }
+  if (s->nusers > 0) {
+    vdb_set_error("snapshot '%s' has NBD clients; disconnect them first", s->name);
+    return -EBUSY;
+  }
+  if (s->fe && s->fe->busy(s, s->fe_priv) > 0) {
+    vdb_set_error("snapshot '%s': %s is in use (mounted or held open)", s->name, s->device);
+    return -EBUSY;
+  }
+  if (s->info.readonly || o->readonly || s->cfg.readonly) {
+    vdb_set_error("cannot merge '%s' into '%s': %s is read-only", o->name, s->name,
+                  o->readonly ? o->name : s->name);
+    return -EPERM;
+  }
+  return 0;
+}
+
+/* With o paused: o takes s's storage (its own changes are in it now). */
+static void merge_pivot(struct vdb_disk *o, struct vdb_disk *s)
+{
+  struct vdb_params p;
+
+  vdb_params_init(&p);
+  for (int i = 0; i < s->cfg.params.n; i++)
+    if (strcmp(s->cfg.params.key[i], "readonly") != 0)
+      vdb_params_set(&p, s->cfg.params.key[i], s->cfg.params.val[i]);
+  o->ops = s->ops;
+  o->handle = s->handle;
+  o->info = s->info;
+  s->handle = NULL;
+  snprintf(o->cfg.backend, sizeof o->cfg.backend, "%s", s->cfg.backend);
+  vdb_params_clear(&o->cfg.params);
+  o->cfg.params = p;
+  disk_derive_caps(o);
+}
+
+/* Copy o's changes into s (writable for the bus meanwhile), o paused at the
+ * end.  0 or -errno; on an error o runs on as it was. */
+static int merge_commit(struct vdb_disk *o, struct vdb_disk *s, uint64_t *bytes)
+{
+  int r = vdb_disk_pause(o, BUS_PAUSE_MS);
+
+  if (r < 0) {
+    vdb_set_error("merge of '%s': requests still in flight after %d s", o->name, BUS_PAUSE_MS / 1000);
+    return r;
+  }
+  vdb_cow_commit_begin(o->handle);
+  vdb_disk_resume(o);
+  s->readonly = false;
+  r = vdb_cow_commit_run(o->handle, bytes);
+  if (vdb_disk_pause(o, BUS_PAUSE_MS) < 0) {
+    vdb_cow_commit_finish(o->handle, false);
+    s->readonly = true;
+    vdb_set_error("merge of '%s': requests still in flight after %d s", o->name, BUS_PAUSE_MS / 1000);
+    return -ETIMEDOUT;
+  }
+  vdb_cow_commit_finish(o->handle, true);
+  s->readonly = true;
+  if (r < 0)
+    vdb_disk_resume(o);
+  return r;
+}
+
+int vdb_bus_merge_snapshot(const char *name, uint64_t *bytes)
+{
+  struct vdb_disk *s, *o;
+  void *cowh;
+  char store[PATH_MAX];
+  int r;
+
+  *bytes = 0;
+  if (vdb_bus_get(name, &s) < 0) {
+    vdb_set_error("no disk named '%s'", name);
+    return -ENOENT;
+  }
+  o = bus_sole_overlay(s);
+  r = merge_check(s, o);
+  if (r < 0)
+    goto out;
+  if (s->fe) {
+    s->fe->detach(s, s->fe_priv);
+    s->fe = NULL;
+    s->device[0] = '\0';
+  }
+  r = merge_commit(o, s, bytes);
+  if (r < 0)
+    goto out;
+  cowh = o->handle;
+  vdb_cow_store_path(cowh, store, sizeof store);
+  merge_pivot(o, s);
+  vdb_disk_resume(o);
+  vdb_backend_cow.close(cowh); /* drops the overlay's hold on s */
+  pthread_mutex_lock(&s->lock);
+  s->closing = true;
+  pthread_mutex_unlock(&s->lock);
+  disk_unlink(s);
+  vdb_disk_put(s); /* the registry's */
+  if (store[0] && strncmp(store, vdb_bus_settings.state_dir, strlen(vdb_bus_settings.state_dir)) == 0 &&
+      unlink(store) == 0)
+    vdb_info("removed the merged overlay store %s", store);
+  vdb_info("snapshot %s dropped: %llu bytes of %s merged into its storage, which %s now uses",
+           name, (unsigned long long)*bytes, o->name, o->name);
+  bus_changed();
+out:
+  if (o)
+    vdb_disk_put(o);
+  vdb_disk_put(s);
   return r;
 }

@@ -178,6 +178,11 @@ int vdb_bus_snapshot(const char *name, const struct vdb_disk_config *snap_cfg,
 /* Commit: write an overlay's changes into its base; the overlay stays,
  * empty.  Control thread; blocks while copying.  *bytes = bytes copied. */
 int vdb_bus_commit(const char *name, uint64_t *bytes);
+/* Drop the snapshot name that exactly one overlay layers over: the
+ * overlay's changes are merged into the snapshot's storage, the overlay's
+ * disk carries on with that storage, and the snapshot is unplugged.
+ * Control thread; blocks while copying.  *bytes = bytes merged. */
+int vdb_bus_merge_snapshot(const char *name, uint64_t *bytes);
 
 /* Called by the bus whenever the set of disks changes (state persistence). */
 extern void (*vdb_bus_on_change)(void);

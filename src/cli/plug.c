@@ -241,7 +241,8 @@ int cli_unplug(int argc, char **argv)
 {
   static json_t *args; /* static: reachable at a usage error's exit */
   const char *name = NULL;
-  bool all = false;
+  bool all = false, merge = false;
+  json_t *res;
 
   args = json_object();
   for (int i = 1; i < argc; i++) {
@@ -249,6 +250,8 @@ int cli_unplug(int argc, char **argv)
       json_object_set_new(args, "force", json_true());
     else if (strcmp(argv[i], "--all") == 0 || strcmp(argv[i], "-a") == 0)
       all = true;
+    else if (strcmp(argv[i], "--merge") == 0)
+      merge = true;
     else if (argv[i][0] == '-')
       cli_usage_error("unplug: unknown option '%s'", argv[i]);
     else if (name)
@@ -258,10 +261,18 @@ int cli_unplug(int argc, char **argv)
   }
   if (all == (name != NULL))
     cli_usage_error("unplug needs a disk NAME or --all");
+  if (merge && all)
+    cli_usage_error("unplug --merge takes one snapshot NAME, not --all");
   if (all)
     json_object_set_new(args, "all", json_true());
   else
     json_object_set_new(args, "name", json_string(name));
-  json_decref(cli_call(name ? name : "unplug", "unplug", args));
+  if (merge)
+    json_object_set_new(args, "merge", json_true());
+  res = cli_call(name ? name : "unplug", "unplug", args);
+  if (merge)
+    printf("%s: dropped, %lld bytes merged\n", name,
+           (long long)json_integer_value(json_object_get(res, "bytes")));
+  json_decref(res);
   return 0;
 }

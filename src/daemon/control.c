@@ -172,7 +172,7 @@ int vdb_control_parse_plug(json_t *args, struct vdb_disk_config *cfg)
   strcpy(cfg->backend, backend);
   strcpy(cfg->attach, attach);
   cfg->snapshot = snapshot;
-  cfg->readonly = readonly || snapshot;
+  cfg->readonly = readonly; /* a snapshot is read-only by being one */
   cfg->export = export;
   cfg->block_size = bs < 0 ? 0 : (uint32_t)bs;
   if (parse_plug_params(params, cfg) < 0) {
@@ -252,9 +252,18 @@ static json_t *op_unplug(json_t *args)
   int force = 0, all = 0, r;
   json_error_t jerr;
 
-  if (!args || json_unpack_ex(args, &jerr, JSON_STRICT, "{s?:s, s?:b, s?:b}", "name", &name,
-                              "force", &force, "all", &all) < 0)
+  int merge = 0;
+
+  if (!args || json_unpack_ex(args, &jerr, JSON_STRICT, "{s?:s, s?:b, s?:b, s?:b}", "name", &name,
+                              "force", &force, "all", &all, "merge", &merge) < 0)
     return reply_error(-EINVAL, "bad unplug request: %s", args ? jerr.text : "no arguments");
+  if (merge) {
+    uint64_t bytes;
+    if (!name || all)
+      return reply_error(-EINVAL, "unplug with merge takes one snapshot name");
+    r = vdb_bus_merge_snapshot(name, &bytes);
+    return r < 0 ? reply_errno(r) : reply_result(json_pack("{s:I}", "bytes", (json_int_t)bytes));
+  }
   if (all)
     return op_unplug_all(force);
   if (!name)

@@ -476,4 +476,65 @@ def t_restart(d):
     d.cli_ok("unplug", "--all")
 
 
+@case("unplug SNAP --merge: the live disk's changes go back into the snapshot's storage (the image file)")
+def t_merge(d):
+    img = os.path.join(d.data_dir, "m.img")
+    d.plug("file", img, "--create", "--size", "8M", "--name", "m", "--attach", "none")
+    h = d.nbd("m")
+    v = bytearray(pattern(40, 8 * MiB))
+    h.pwrite(bytes(v), 0)
+    h.shutdown()
+    d.cli_ok("snapshot", "m", "--as", "m1")
+    hs = d.nbd("m1")
+    rc, err = cli_err(d, "unplug", "m1", "--merge")   # a client on the snapshot
+    check("NBD clients" in err, err)
+    hs.shutdown()
+    rc, err = cli_err(d, "unplug", "m1")
+    check("--merge" in err, "the refusal points at --merge: %r" % err)
+    # a restart in between: the snapshot's storage is reopened, still mergeable
+    d.restart()
+    h = d.nbd("m")
+    for i, (off, n) in enumerate([(0, 4096), (70000, 200000), (5 * MiB, MiB)]):
+        data = pattern(41 + i, n)
+        h.pwrite(data, off)
+        v[off:off + n] = data
+    h.zero(128 * KiB, 3 * MiB)
+    v[3 * MiB:3 * MiB + 128 * KiB] = bytes(128 * KiB)
+    h.flush()
+    # merge with a client connected to the live disk, which keeps working
+    rc, out, err = d.cli("unplug", "m1", "--merge")
+    eq(rc, 0, "unplug --merge: %s" % err)
+    check("merged" in out, out)
+    eq(read_all(h, 8 * MiB), bytes(v), "live disk after the merge")
+    h.pwrite(b"after" * 100, 7 * MiB)
+    v[7 * MiB:7 * MiB + 500] = b"after" * 100
+    h.flush()
+    h.shutdown()
+    info = d.info("m")
+    eq((info["backend"], info["base"], info["params"].get("path")), ("file", None, img),
+       "the disk is a plain file disk again")
+    eq(sorted(x["name"] for x in d.list()), ["m"], "the snapshot is gone")
+    check(not os.listdir(os.path.join(d.state_dir, "overlays")), "the merged store was removed")
+    d.restart()
+    h = d.nbd("m")
+    eq(read_all(h, 8 * MiB), bytes(v), "after a restart")
+    h.shutdown()
+    d.cli_ok("unplug", "m")
+    with open(img, "rb") as f:
+        eq(hashlib.sha256(f.read()).hexdigest(), hashlib.sha256(bytes(v)).hexdigest(),
+           "the image file holds the live data")
+    # refusals: not a snapshot; two overlays
+    d.plug("ram", "--size", "1M", "--name", "q", "--attach", "none")
+    rc, err = cli_err(d, "unplug", "q", "--merge")
+    check("not a snapshot" in err, err)
+    d.cli_ok("snapshot", "q", "--as", "q1")
+    d.cli_ok("clone", "q1", "--as", "q2")
+    rc, err = cli_err(d, "unplug", "q1", "--merge")
+    check("exactly one" in err, err)
+    d.cli_ok("unplug", "q2")
+    d.cli_ok("unplug", "q1", "--merge")
+    eq(sorted(x["name"] for x in d.list()), ["q"], "RAM snapshot merged")
+    eq(d.info("q")["backend"], "ram", "q is a RAM disk again")
+
+
 main()
