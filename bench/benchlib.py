@@ -16,6 +16,8 @@
   benchlib.py mem-trim --tsv FILE --pid PID --side S --phase P --uri URI --length L [--offset O]
       RSS (smaps_rollup Rss/Anonymous) of PID before and after a fio write run
       (bytes from fio's io_bytes) or a trim (python3-libnbd); one TSV row each.
+  benchlib.py mem-plug --tsv FILE --pid PID --side S --phase P --rss0 B --anon0 B
+      a row for a plug: RSS sampled earlier (rss subcommand) vs now
   benchlib.py mem-report --tsv FILE      the memory table
   benchlib.py rss --pid PID              prints "RSS ANON" in bytes
 """
@@ -260,6 +262,13 @@ def mem_trim(a):
     return 0
 
 
+def mem_plug(a):
+    """A row for plugging a disk: RSS --rss0/--anon0 (sampled before) vs now."""
+    time.sleep(a.settle)
+    mem_row(a, "plug", 0, (a.rss0, a.anon0), proc_rss(a.pid), 0.0)
+    return 0
+
+
 def mem_report(a):
     rows = []
     with open(a.tsv) as f:
@@ -272,7 +281,7 @@ def mem_report(a):
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         nb = int(r["bytes"])
-        ideal = nb if r["op"] == "write" else -nb
+        ideal = {"write": nb, "trim": -nb}.get(r["op"], 0)
         d = int(r["rss1"]) - int(r["rss0"])
         da = int(r["anon1"]) - int(r["anon0"])
         over = d - ideal
@@ -297,7 +306,7 @@ def main():
     r.add_argument("--tsv", required=True)
     r.add_argument("--title", default="")
     r.add_argument("--pair-label", default="pair", help="header of the pair column")
-    for name in ("mem-fill", "mem-trim"):
+    for name in ("mem-fill", "mem-trim", "mem-plug"):
         x = sub.add_parser(name)
         x.add_argument("--tsv", required=True)
         x.add_argument("--pid", type=int, required=True)
@@ -310,6 +319,9 @@ def main():
             x.add_argument("--offset", default="0")
             x.add_argument("--length", required=True)
             x.add_argument("--chunk", default="64M")
+        if name == "mem-plug":
+            x.add_argument("--rss0", type=int, required=True)
+            x.add_argument("--anon0", type=int, required=True)
     x = sub.add_parser("mem-report")
     x.add_argument("--tsv", required=True)
     x = sub.add_parser("rss")
@@ -326,6 +338,8 @@ def main():
         return mem_fill(a, fio_args)
     if a.cmd == "mem-trim":
         return mem_trim(a)
+    if a.cmd == "mem-plug":
+        return mem_plug(a)
     if a.cmd == "mem-report":
         return mem_report(a)
     if a.cmd == "rss":
