@@ -6,18 +6,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vdbtest import case, check, eq, fail, main, run  # noqa: E402
+from vdbtest import case, check, eq, fail, main, nbd_errno, run  # noqa: E402
 import nbd  # noqa: E402
 
 MiB = 1 << 20
-
-
-def nbd_errno(fn, *args):
-    try:
-        fn(*args)
-    except nbd.Error as e:
-        return getattr(errno, e.errno, e.errno) if isinstance(e.errno, str) else e.errno
-    fail("%s%r succeeded, expected an error" % (getattr(fn, "__name__", fn), args))
 
 
 @case("error backend: error-rate=1 fails reads with EIO; counters count errors")

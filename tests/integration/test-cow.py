@@ -9,29 +9,12 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vdbtest import nbd_errno, pattern  # noqa: E402
 from vdbtest import case, check, eq, fail, have, main, run  # noqa: E402
 import nbd  # noqa: E402
 
 KiB = 1 << 10
 MiB = 1 << 20
-
-
-def pattern(seed, n):
-    """n deterministic bytes for seed."""
-    out = bytearray()
-    i = 0
-    while len(out) < n:
-        out += hashlib.sha256(b"%d:%d" % (seed, i)).digest()
-        i += 1
-    return bytes(out[:n])
-
-
-def nbd_errno(fn, *args):
-    try:
-        fn(*args)
-    except nbd.Error as e:
-        return getattr(errno, e.errno, e.errno) if isinstance(e.errno, str) else e.errno
-    fail("%s%r succeeded, expected an error" % (getattr(fn, "__name__", fn), args))
 
 
 def read_all(h, size, step=1 * MiB):

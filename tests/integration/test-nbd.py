@@ -12,21 +12,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vdbtest import nbd_errno  # noqa: E402
 from vdbtest import (Daemon, Skip, case, check, eq, fail, main, run, run_ok, have, wait_for,  # noqa: E402
                      sha256_file)
 import nbd  # noqa: E402  (python3-libnbd; run with /usr/bin/python3)
 
 MiB = 1 << 20
-
-
-def nbd_errno(fn, *args, **kw):
-    """Call fn; return the errno of the nbd.Error it raises (fail if it succeeds)."""
-    try:
-        fn(*args, **kw)
-    except nbd.Error as e:
-        # python3-libnbd 1.14 gives the errno as a name ("EINVAL")
-        return getattr(errno, e.errno, e.errno) if isinstance(e.errno, str) else e.errno
-    fail("%s%r succeeded, expected an error" % (getattr(fn, "__name__", fn), args))
 
 
 def extents(h, length, offset=0):

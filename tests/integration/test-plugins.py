@@ -17,6 +17,7 @@ import tempfile
 import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vdbtest import nbd_errno  # noqa: E402
 from vdbtest import (BUILD, ROOT, Daemon, case, check, eq, fail, main, run,  # noqa: E402
                      run_ok)
 import nbd  # noqa: E402
@@ -34,14 +35,6 @@ def pattern(off, n):
     words = (off + n - start + 7) // 8
     raw = b"".join(struct.pack(">Q", start + 8 * i) for i in range(words))
     return raw[off - start:off - start + n]
-
-
-def nbd_errno(fn, *args):
-    try:
-        fn(*args)
-    except nbd.Error as e:
-        return getattr(errno, e.errno, e.errno) if isinstance(e.errno, str) else e.errno
-    fail("%s%r succeeded, expected an error" % (getattr(fn, "__name__", fn), args))
 
 
 def extents(h, length, offset):

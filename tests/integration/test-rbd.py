@@ -19,6 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cephlocal  # noqa: E402
 import vdbtest  # noqa: E402
+from vdbtest import nbd_errno, pattern  # noqa: E402
 from vdbtest import case, check, eq, fail, have, run, run_ok, Skip  # noqa: E402
 
 KiB = 1 << 10
@@ -58,24 +59,6 @@ def plug_new(d, name, size="64M", extra=(), timeout=None):
     d.plug("rbd", "rbd/" + img, "--create", "--size", size, "--name", name, "--attach", "none",
            *creds(c, timeout), *extra)
     return img
-
-
-def pattern(seed, n):
-    out = bytearray()
-    i = 0
-    while len(out) < n:
-        out += hashlib.sha256(b"%d:%d" % (seed, i)).digest()
-        i += 1
-    return bytes(out[:n])
-
-
-def nbd_errno(fn, *args):
-    import nbd
-    try:
-        fn(*args)
-    except nbd.Error as e:
-        return getattr(errno, e.errno, e.errno) if isinstance(e.errno, str) else e.errno
-    fail("%s%r succeeded, expected an error" % (getattr(fn, "__name__", fn), args))
 
 
 def extents(h, length, offset):

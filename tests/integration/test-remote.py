@@ -15,18 +15,11 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vdbtest import nbd_errno  # noqa: E402
 from vdbtest import Skip, case, check, eq, fail, free_port, have, main, run, wait_for  # noqa: E402
 import nbd  # noqa: E402
 
 MiB = 1 << 20
-
-
-def nbd_errno(fn, *args):
-    try:
-        fn(*args)
-    except nbd.Error as e:
-        return getattr(errno, e.errno, e.errno) if isinstance(e.errno, str) else e.errno
-    fail("%s%r succeeded, expected an error" % (getattr(fn, "__name__", fn), args))
 
 
 class Server:
@@ -522,8 +515,6 @@ def t_caps(d, srv):
     with open(nflog) as f:
         log = f.read()
     check("Write" in log and "Flush" not in log, "no flush sent to a server without it:\n" + log)
-
-
 
 
 @case("a flush in flight when the server dies is reissued on the next connection")

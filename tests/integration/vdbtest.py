@@ -788,6 +788,28 @@ def wait_for(pred, timeout=10, interval=0.05, what="condition"):
     fail("timed out after %ss waiting for %s" % (timeout, what))
 
 
+def nbd_errno(fn, *args, **kw):
+    """Call fn; return the errno of the nbd.Error it raises (fail if it succeeds)."""
+    import nbd
+    try:
+        fn(*args, **kw)
+    except nbd.Error as e:
+        # python3-libnbd 1.14 gives the errno as a name ("EINVAL")
+        return getattr(errno, e.errno, e.errno) if isinstance(e.errno, str) else e.errno
+    fail("%s%r succeeded, expected an error" % (getattr(fn, "__name__", fn), args))
+
+
+def pattern(seed, n):
+    """n deterministic bytes for seed (chained SHA-256)."""
+    import hashlib
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        out += hashlib.sha256(b"%d:%d" % (seed, i)).digest()
+        i += 1
+    return bytes(out[:n])
+
+
 def nbd_error_errno(e):
     """errno of a libnbd nbd.Error (or None)."""
     return getattr(e, "errno", None)
