@@ -190,14 +190,21 @@ static int bus_check_name(const char *name)
   return 0;
 }
 
-/* Pick the name vdN with the smallest free N.  Under bus_lock. */
-static void bus_pick_name(char *name, size_t len)
+/* Pick the name PREFIX<N> with the smallest free N >= first.  Under bus_lock. */
+static void bus_pick_name(const char *prefix, unsigned first, char *name, size_t len)
 {
-  for (unsigned i = 0;; i++) {
-    snprintf(name, len, "vd%u", i);
+  for (unsigned i = first;; i++) {
+    snprintf(name, len, "%s%u", prefix, i);
     if (!bus_find_locked(name))
       return;
   }
+}
+
+void vdb_bus_free_name(const char *prefix, unsigned first, char *name, size_t len)
+{
+  pthread_mutex_lock(&bus_lock);
+  bus_pick_name(prefix, first, name, len);
+  pthread_mutex_unlock(&bus_lock);
 }
 
 static void disk_derive_caps(struct vdb_disk *d)
@@ -341,7 +348,7 @@ int vdb_bus_plug(const struct vdb_disk_config *cfg, struct vdb_disk **out)
     return r;
   pthread_mutex_lock(&bus_lock);
   if (!cfg->name[0])
-    bus_pick_name(d->cfg.name, sizeof d->cfg.name);
+    bus_pick_name("vd", 0, d->cfg.name, sizeof d->cfg.name);
   else if (bus_find_locked(cfg->name)) {
     pthread_mutex_unlock(&bus_lock);
     vdb_set_error("a disk named '%s' is already plugged", cfg->name);

@@ -118,6 +118,10 @@ int vdb_bus_unplug(const char *name, bool force);
 /* Unplug everything (shutdown).  Control thread. */
 void vdb_bus_unplug_all(void);
 
+/* The name PREFIX<N> with the smallest N >= first that no plugged disk has
+ * (as plug picks vdN).  Any thread. */
+void vdb_bus_free_name(const char *prefix, unsigned first, char *name, size_t len);
+
 /* Look a disk up by name and take a reference.  -ENOENT if there is no such
  * disk (or it is being unplugged).  Any thread. */
 int vdb_bus_get(const char *name, struct vdb_disk **out);

@@ -342,18 +342,6 @@ static int make_overlay_dir(const char *store)
   return 0;
 }
 
-/* The smallest free NAME.snapN. */
-static void pick_snapshot_name(const char *name, char *buf, size_t len)
-{
-  for (unsigned i = 1;; i++) {
-    struct vdb_disk *o;
-    snprintf(buf, len, "%.*s.snap%u", VDB_NAME_MAX - 16, name, i);
-    if (vdb_bus_get(buf, &o) < 0)
-      return;
-    vdb_disk_put(o);
-  }
-}
-
 static json_t *op_snapshot(json_t *args)
 {
   const char *name = NULL, *as = "", *store = "", *attach = "none";
@@ -372,10 +360,13 @@ static json_t *op_snapshot(json_t *args)
     return reply_error(-EINVAL, "snapshot name, attach mode or store too long");
   if (vdb_bus_get(name, &d) < 0)
     return reply_error(-ENOENT, "no disk named '%s'", name);
-  if (as[0])
+  if (as[0]) {
     snprintf(snap, sizeof snap, "%s", as);
-  else
-    pick_snapshot_name(name, snap, sizeof snap);
+  } else {
+    char prefix[VDB_NAME_MAX];
+    snprintf(prefix, sizeof prefix, "%.*s.snap", VDB_NAME_MAX - 16, name);
+    vdb_bus_free_name(prefix, 1, snap, sizeof snap); /* NAME.snapN */
+  }
   if (store[0]) {
     snprintf(storebuf, sizeof storebuf, "%s", store);
   } else {
@@ -421,14 +412,8 @@ static json_t *op_clone(json_t *args)
   if (as[0]) {
     snprintf(cfg.name, sizeof cfg.name, "%s", as);
   } else {
-    /* A clone needs its name before its store: the smallest free vdN. */
-    for (unsigned i = 0;; i++) {
-      struct vdb_disk *o;
-      snprintf(cfg.name, sizeof cfg.name, "vd%u", i);
-      if (vdb_bus_get(cfg.name, &o) < 0)
-        break;
-      vdb_disk_put(o);
-    }
+    /* A clone needs its name before its store: the name plug would pick. */
+    vdb_bus_free_name("vd", 0, cfg.name, sizeof cfg.name);
   }
   if (store[0])
     snprintf(storebuf, sizeof storebuf, "%s", store);

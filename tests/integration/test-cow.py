@@ -518,4 +518,14 @@ def t_merge(d):
     eq(d.info("q")["backend"], "ram", "q is a RAM disk again")
 
 
+@case("default names: NAME.snapN for snapshots, the free vdN for clones")
+def t_default_names(d):
+    d.plug("ram", "--size", "1M", "--name", "n", "--attach", "none")
+    eq(d.cli_ok("snapshot", "n").strip(), "n.snap1", "first snapshot")
+    eq(d.cli_ok("snapshot", "n").strip(), "n.snap2", "second snapshot")
+    d.plug("ram", "--size", "1M", "--name", "vd0", "--attach", "none")
+    eq(d.cli_ok("clone", "n.snap1", "--attach", "none").strip(), "vd1", "clone name")
+    eq(d.info("vd1")["base"], "n.snap1", "the clone's base")
+
+
 main()
