@@ -94,6 +94,15 @@ enum vdb_req_type {
 #define VDB_REQ_NO_HOLE   (1u << 1) /* write_zeroes: allocate, do not punch */
 #define VDB_REQ_FAST_ZERO (1u << 2) /* write_zeroes: fail -ENOTSUP if slow */
 #define VDB_REQ_ONE       (1u << 3) /* block_status: one extent suffices */
+/* READ, since API version 2 (a backend that ignores it is correct): the
+ * submitter also accepts the data in the backend's own memory.  Instead of
+ * filling buf, the backend may set buf to point at memory holding the data
+ * that stays mapped until the backend is closed and changes only through
+ * later writes, trims and zeroings of the disk (a RAM disk's pages).  The
+ * submitter holds a reference to the disk for as long as it uses that
+ * memory.  Concurrent writes to the range may then show in the data, as they
+ * may for any read that overlaps them. */
+#define VDB_REQ_MAP       (1u << 4)
 
 /* Extent flags: the same bits as NBD's base:allocation context. */
 #define VDB_EXTENT_HOLE (1u << 0) /* unallocated */
@@ -109,7 +118,8 @@ struct vdb_disk;
 /* One I/O request.  It belongs to the submitter (a frontend); the backend
  * owns it from the data-path call until it calls vdb_req_complete(), and
  * may read type, flags, offset, len, buf, extents and max_extents, write
- * *buf (READ), extents[] and nr_extents (BLOCK_STATUS) and backend_priv,
+ * *buf (READ), buf itself (READ with VDB_REQ_MAP), extents[] and
+ * nr_extents (BLOCK_STATUS) and backend_priv,
  * and must leave every other field alone.  buf and extents stay valid
  * until completion, on any thread.
  *

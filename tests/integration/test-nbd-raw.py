@@ -316,6 +316,107 @@ def t_pipeline(d):
     r.disconnect()
 
 
+def _pattern_disk(r, size):
+    """Fill [0, size) through r with a position-dependent pattern; return it."""
+    data = pattern(7, size)
+    for off in range(0, size, 4 * MiB):
+        err, _, _ = r.cmd(CMD_WRITE, 9, off, min(4 * MiB, size - off), data=data[off:off + 4 * MiB])
+        eq(err, 0, "fill write at %d" % off)
+    return data
+
+
+@case("large reads of a RAM disk (spliced from its pages): simple, structured and extended replies, "
+      "odd offsets and lengths, mixed with small replies", timeout=240)
+def t_large_reads(d):
+    size = 40 * MiB
+    setup(d, "r", "40M")
+    for mode in ("simple", "structured", "extended"):
+        for tcp in (False, True):
+            r = connect_raw_go(d, "r", tcp=tcp, structured=mode == "structured",
+                               extended=mode == "extended")
+            data = _pattern_disk(r, size) if mode == "simple" and not tcp else pattern(7, size)
+            reqs = [(0, MiB), (12345, 64 * 1024), (3 * MiB + 1, 2 * MiB - 3), (0, 32 * MiB),
+                    (size - 65537, 65537), (5 * MiB, 4096), (7 * MiB + 511, 777 * 1024)]
+            # Pipelined, with small reads and writes of elsewhere in between:
+            # headers, copied payloads and spliced payloads share one stream.
+            h = 100
+            want = {}
+            for off, ln in reqs:
+                r.request(CMD_READ, h, off, ln)
+                want[h] = (off, ln)
+                h += 1
+                r.request(CMD_READ, h, off + 100, 100 if off + 200 < size else 10)
+                want[h] = (off + 100, 100 if off + 200 < size else 10)
+                h += 1
+            got = {}
+            while len(got) < len(want):
+                rep = r.recv_reply(read_len=0)
+                if rep.kind == "simple":
+                    rep.payload = r.recv_exact(want[rep.handle][1]) if rep.error == 0 else b""
+                eq(rep.error, 0, "%s read %d" % (mode, rep.handle))
+                if rep.kind == "simple":
+                    got[rep.handle] = rep.payload
+                else:
+                    eq(rep.type, REPLY_TYPE_OFFSET_DATA if rep.payload else rep.type, "chunk type")
+                    if rep.payload:
+                        off = struct.unpack(">Q", rep.payload[:8])[0]
+                        eq(off, want[rep.handle][0], "OFFSET_DATA offset")
+                        got[rep.handle] = got.get(rep.handle, b"") + rep.payload[8:]
+            for hh, (off, ln) in want.items():
+                if got[hh] != data[off:off + ln]:
+                    fail("%s%s: read of %d at %d differs" % (mode, " tcp" if tcp else "", ln, off))
+            r.disconnect()
+    alive(d)
+
+
+@case("a client that reads large replies slowly gets every byte right; one that leaves "
+      "spliced replies unread and closes does not hurt the daemon", timeout=240)
+def t_large_reads_slow(d):
+    size = 32 * MiB
+    setup(d, "r", "32M")
+    r = connect_raw_go(d, "r", structured=True)
+    data = _pattern_disk(r, size)
+    # 24 MiB of replies queued while the client reads in small sips: the
+    # server sees EAGAIN in the middle of spliced payloads many times.
+    for i in range(24):
+        r.request(CMD_READ, 500 + i, (i * 1337 * 1024) % (size - MiB), MiB)
+    r.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    got = {}
+    while len(got) < 24:
+        magic = struct.unpack(">I", r.recv_exact(4))[0]
+        eq(magic, STRUCTURED_REPLY_MAGIC, "reply magic")
+        flags, rtype, handle, length = struct.unpack(">HHQI", r.recv_exact(16))
+        payload = bytearray()
+        while len(payload) < length:
+            payload += r.s.recv(min(8192, length - len(payload)))
+            if len(payload) % (256 * 1024) < 8192:
+                time.sleep(0.002)
+        eq(rtype, REPLY_TYPE_OFFSET_DATA, "chunk type")
+        got[handle] = bytes(payload)
+    for i in range(24):
+        off = (i * 1337 * 1024) % (size - MiB)
+        if got[500 + i][8:] != data[off:off + MiB]:
+            fail("slow read %d differs" % i)
+    r.disconnect()
+    # Replies left unread: the server's pipe and socket hold spliced pages.
+    for _ in range(5):
+        r = connect_raw_go(d, "r", tcp=_ % 2 == 1)
+        for i in range(40):
+            r.request(CMD_READ, i, (i * MiB) % (size - MiB), MiB)
+        time.sleep(0.05)
+        r.close()
+    alive(d)
+    # The disk is unplugged while a client sits on unread spliced replies.
+    r = connect_raw_go(d, "r")
+    for i in range(20):
+        r.request(CMD_READ, i, i * MiB, MiB)
+    time.sleep(0.2)
+    d.cli_ok("unplug", "r")
+    r.close()
+    d.plug("ram", "--size", "1M", "--name", "r", "--attach", "none")
+    alive(d)
+
+
 @case("NBD_CMD_BLOCK_STATUS with base:allocation via SET_META_CONTEXT")
 def t_block_status(d):
     setup(d, "r", "4M")

@@ -92,6 +92,7 @@ struct nbd_req {
   uint8_t hdr[128];             /* reply header (+ small payload) */
   struct iovec iov[2];
   int niov;
+  bool splice;                  /* iov[1] is the backend's memory: vmsplice it */
   size_t outlen;                /* bytes in iov */
   struct nbd_req *next;         /* free list or output queue */
 };
@@ -129,6 +130,9 @@ struct nbd_conn {
   struct nbd_obuf hsout;        /* handshake replies */
   struct nbd_req *outq, **outq_tail;
   size_t out_off;               /* bytes of outq's head already sent */
+  int pipe[2];                  /* for splicing large mapped reads (-1: none yet) */
+  size_t pipe_len;              /* bytes of outq's head in the pipe, after out_off */
+  bool no_splice;               /* pipe unavailable: plain sendmsg */
 
   struct nbd_req *free_reqs;
   unsigned nreqs;               /* allocated and not on the free list */
@@ -150,6 +154,10 @@ struct nbd_conn {
   void *closed_arg;
 };
 
+#define NBD_SPLICE_MIN    (64u << 10)     /* mapped READ payloads this large are spliced */
+#define NBD_DRAIN_MS      5000            /* a closing connection's time to take its replies */
+#define NBD_SNDBUF        (4u << 20)      /* Unix socket send buffer asked for */
+#define NBD_PIPE_SIZE     (1u << 20)      /* pipe capacity asked for */
 #define NBD_MAX_INBYTES   (64u << 20)     /* data in flight before we stop reading */
 #define NBD_MAX_CACHED    (64u << 20)     /* buffer bytes kept for reuse */
 

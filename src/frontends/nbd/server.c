@@ -98,6 +98,7 @@ static void conn_update_events(struct nbd_conn *c)
 }
 
 /* Drop every queued reply (the peer is gone). */
+static void pipe_close(struct nbd_conn *c);
 static void conn_drop_output(struct nbd_conn *c)
 {
   while (c->outq) {
@@ -108,6 +109,8 @@ static void conn_drop_output(struct nbd_conn *c)
   c->outq_tail = &c->outq;
   c->out_off = 0;
   c->hsout.off = c->hsout.len;
+  if (c->pipe_len)
+    pipe_close(c);   /* what it holds belonged to a dropped reply */
 }
 
 static int send_hsout(struct nbd_conn *c)
@@ -144,6 +147,61 @@ static void outq_consume(struct nbd_conn *c, size_t n)
   }
 }
 
+static void pipe_close(struct nbd_conn *c)
+{
+  if (c->pipe[0] >= 0) {
+    close(c->pipe[0]);
+    close(c->pipe[1]);
+  }
+  c->pipe[0] = c->pipe[1] = -1;
+  c->pipe_len = 0;
+}
+
+/* The head of outq is a spliced reply whose header is out: move its
+ * payload through the pipe into the socket.  Returns 1 when progress was
+ * made, 0 on EAGAIN, -errno on error. */
+static int splice_head(struct nbd_conn *c)
+{
+  struct nbd_req *r = c->outq;
+  ssize_t n;
+
+  if (c->pipe_len == 0) {
+    size_t done = c->out_off - r->iov[0].iov_len;
+    struct iovec v = {
+      .iov_base = (uint8_t *)r->iov[1].iov_base + done,
+      .iov_len = r->iov[1].iov_len - done,
+    };
+    if (c->pipe[0] < 0) {
+      if (pipe2(c->pipe, O_NONBLOCK | O_CLOEXEC) < 0) {
+        c->pipe[0] = c->pipe[1] = -1;
+        goto fallback;
+      }
+      fcntl(c->pipe[1], F_SETPIPE_SZ, (int)NBD_PIPE_SIZE);   /* a hint: default 64K works */
+    }
+    n = vmsplice(c->pipe[1], &v, 1, SPLICE_F_NONBLOCK);
+    if (n < 0) {
+      if (errno == EAGAIN || errno == EINTR)
+        return 0;
+      goto fallback;
+    }
+    c->pipe_len = (size_t)n;
+  }
+  n = splice(c->pipe[0], NULL, c->fd, NULL, c->pipe_len, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+  if (n < 0)
+    return errno == EAGAIN || errno == EINTR ? 0 : -errno;
+  c->pipe_len -= (size_t)n;
+  outq_consume(c, (size_t)n);
+  return 1;
+
+fallback:
+  /* No pipe (EMFILE) or no vmsplice: the memory is stable, send it. */
+  vdb_dbg(VDB_DBG_NBD, "%s: cannot splice (%m): sending replies by copy", c->peer);
+  c->no_splice = true;
+  for (struct nbd_req *q = c->outq; q; q = q->next)
+    q->splice = false;
+  return 1;
+}
+
 static int send_outq(struct nbd_conn *c)
 {
   enum { MAXIOV = 128 };
@@ -152,8 +210,21 @@ static int send_outq(struct nbd_conn *c)
   while (c->outq) {
     int n = 0;
     size_t skip = c->out_off;
+
+    if (c->outq->splice && (c->pipe_len > 0 || c->out_off >= c->outq->iov[0].iov_len)) {
+      int e = splice_head(c);
+      if (e <= 0)
+        return e;
+      continue;
+    }
+    /* Everything up to the next spliced payload, in one sendmsg. */
     for (struct nbd_req *r = c->outq; r && n + 2 <= MAXIOV; r = r->next) {
+      bool stop = false;
       for (int i = 0; i < r->niov; i++) {
+        if (r->splice && i == 1) {
+          stop = true;
+          break;
+        }
         if (skip >= r->iov[i].iov_len) {
           skip -= r->iov[i].iov_len;
           continue;
@@ -163,6 +234,8 @@ static int send_outq(struct nbd_conn *c)
         skip = 0;
         n++;
       }
+      if (stop)
+        break;
     }
     struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)n };
     ssize_t sent = sendmsg(c->fd, &msg, MSG_NOSIGNAL);
@@ -217,6 +290,17 @@ void nbd_conn_flush(struct nbd_conn *c)
 
 /* ---- closing ---- */
 
+static void drain_timeout(struct vdb_timer *t)
+{
+  struct nbd_conn *c = t->arg;
+
+  vdb_info("NBD client %s did not take its last replies in %u ms: dropped", c->peer,
+           NBD_DRAIN_MS);
+  atomic_fetch_add(&c->refs, 1);
+  nbd_conn_kill(c);
+  nbd_conn_unref(c);
+}
+
 /* Stop reading; the connection is destroyed once drained (see flush). */
 static void conn_mark_closing(struct nbd_conn *c)
 {
@@ -224,6 +308,11 @@ static void conn_mark_closing(struct nbd_conn *c)
     return;
   c->state = NBD_CONN_CLOSING;
   vdb_timer_stop(c->loop, &c->hs_timer);
+  /* A client that stops reading must not keep the connection (and its
+   * disk: unplug waits for it) forever: it gets NBD_DRAIN_MS to take the
+   * replies that are left. */
+  c->hs_timer.cb = drain_timeout;
+  vdb_timer_start(c->loop, &c->hs_timer, NBD_DRAIN_MS);
   if (c->payload_req) {
     nbd_tx_release(c, c->payload_req);
     c->payload_req = NULL;
@@ -280,6 +369,7 @@ static void conn_destroy(struct nbd_conn *c)
   vdb_timer_stop(c->loop, &c->hs_timer);
   vdb_loop_unwatch(c->loop, &c->watch);
   conn_drop_output(c);
+  pipe_close(c);
   close(c->fd);
   c->fd = -1;
   if (c->user_added)
@@ -447,12 +537,14 @@ static void conn_read(struct nbd_conn *c)
 {
   for (int i = 0; i < 16; i++) {
     ssize_t n;
+    size_t want;
 
     if ((c->state != NBD_CONN_HANDSHAKE && c->state != NBD_CONN_TRANSMISSION) || c->throttled)
       break;
     if (c->payload_req) {
       struct nbd_req *r = c->payload_req;
-      n = recv(c->fd, r->buf + c->payload_got, r->len - c->payload_got, 0);
+      want = r->len - c->payload_got;
+      n = recv(c->fd, r->buf + c->payload_got, want, 0);
     } else {
       if (c->rstart == c->rend)
         c->rstart = c->rend = 0;
@@ -461,7 +553,8 @@ static void conn_read(struct nbd_conn *c)
         c->rend -= c->rstart;
         c->rstart = 0;
       }
-      n = recv(c->fd, c->rbuf + c->rend, NBD_RBUF_SIZE - c->rend, 0);
+      want = NBD_RBUF_SIZE - c->rend;
+      n = recv(c->fd, c->rbuf + c->rend, want, 0);
     }
     if (n < 0) {
       if (errno == EINTR)
@@ -485,6 +578,10 @@ static void conn_read(struct nbd_conn *c)
     else
       c->rend += (size_t)n;
     conn_process(c);
+    /* A short read drained the socket: the next recv would only say EAGAIN
+     * (epoll is level-triggered, so data arriving meanwhile wakes us). */
+    if ((size_t)n < want)
+      break;
   }
 }
 
@@ -562,6 +659,7 @@ static struct nbd_conn *conn_new(int fd)
   if (!c)
     return NULL;
   c->fd = fd;
+  c->pipe[0] = c->pipe[1] = -1;
   c->loop = vdb_workers_count() > 0 ? vdb_worker_pick() : listen_loop;
   c->refs = 1;
   c->outq_tail = &c->outq;
@@ -569,6 +667,17 @@ static struct nbd_conn *conn_new(int fd)
 }
 
 static void peer_name(int fd, bool is_unix, char *buf, size_t len);
+
+/* A Unix socket's send buffer bounds the data in flight to the client
+ * (208 KiB by default): a 1 MiB read reply would take five wake-ups of
+ * each side.  Ask for NBD_SNDBUF (capped by net.core.wmem_max; TCP keeps
+ * its autotuning). */
+static void set_sndbuf(int fd)
+{
+  int sz = NBD_SNDBUF;
+
+  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz);
+}
 
 static void accept_one(struct nbd_listener *l, int fd)
 {
@@ -602,6 +711,8 @@ static void accept_one(struct nbd_listener *l, int fd)
 
   if (!l->is_unix)
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  else
+    set_sndbuf(fd);
   peer_name(fd, l->is_unix, c->peer, sizeof c->peer);
   vdb_dbg(VDB_DBG_NBD, "%s: connected", c->peer);
   nbd_conn_post(c, conn_start, c);
@@ -632,6 +743,7 @@ int vdb_nbd_serve_socket(struct vdb_disk *d, int fd, const char *label,
     close(fd);
     return -ENOMEM;
   }
+  set_sndbuf(fd);
   c->local = true;
   c->on_closed = on_closed;
   c->closed_arg = arg;

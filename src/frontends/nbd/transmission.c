@@ -183,7 +183,7 @@ static void tx_reply(struct nbd_conn *c, struct nbd_req *r, int err)
   if (!c->hs.structured) {
     hl = simple_header(r, werr);
     if (!werr && r->cmd == NBD_CMD_READ) {
-      payload = r->buf;
+      payload = r->vreq.buf;   /* r->buf, or the backend's memory (VDB_REQ_MAP) */
       pl = r->len;
     }
   } else if (werr) {
@@ -193,7 +193,7 @@ static void tx_reply(struct nbd_conn *c, struct nbd_req *r, int err)
     hl = chunk_header(r, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 8 + r->len);
     put64(r->hdr + hl, r->offset);
     hl += 8;
-    payload = r->buf;
+    payload = r->vreq.buf;
     pl = r->len;
   } else if (r->cmd == NBD_CMD_BLOCK_STATUS) {
     hl = chunk_header(r, NBD_REPLY_FLAG_DONE,
@@ -212,6 +212,12 @@ static void tx_reply(struct nbd_conn *c, struct nbd_req *r, int err)
     r->niov = 2;
   }
   r->outlen = hl + pl;
+  /* Backend memory (VDB_REQ_MAP) stays put until the disk closes, and the
+   * connection holds the disk: large payloads are spliced from it, so the
+   * kernel references the pages instead of copying them.  Never r->buf,
+   * which the next request reuses while the socket may still hold it. */
+  r->splice = pl >= NBD_SPLICE_MIN && r->cmd == NBD_CMD_READ && payload != r->buf &&
+              !c->no_splice;
   r->next = NULL;
   *c->outq_tail = r;
   c->outq_tail = &r->next;
@@ -291,6 +297,8 @@ static void tx_submit(struct nbd_conn *c, struct nbd_req *r)
   v->buf = r->buf;
   v->done = tx_done;
   v->opaque = r;
+  if (r->cmd == NBD_CMD_READ)
+    v->flags |= VDB_REQ_MAP;    /* the connection holds the disk until sent */
   if (r->cflags & NBD_CMD_FLAG_FUA)
     v->flags |= VDB_REQ_FUA;
   if (r->cflags & NBD_CMD_FLAG_NO_HOLE)
