@@ -709,9 +709,13 @@ static void accept_one(struct nbd_listener *l, int fd)
   nconns++;
   pthread_mutex_unlock(&nbd_lock);
 
-  if (!l->is_unix)
+  if (!l->is_unix) {
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  else
+    /* Measured on loopback: a TCP receiver copies spliced page fragments
+     * slower than the sender copies them (1.5-1.7 vs 2.3-2.5 GB/s for 1 MiB
+     * reads), so TCP replies are sent by copy, with autotuned buffers. */
+    c->no_splice = true;
+  } else
     set_sndbuf(fd);
   peer_name(fd, l->is_unix, c->peer, sizeof c->peer);
   vdb_dbg(VDB_DBG_NBD, "%s: connected", c->peer);
