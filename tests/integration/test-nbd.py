@@ -12,7 +12,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vdbtest import nbd_errno  # noqa: E402
+from vdbtest import nbd_errno, pattern  # noqa: E402
 from vdbtest import (Daemon, Skip, case, check, eq, fail, main, run, run_ok, have, wait_for,  # noqa: E402
                      sha256_file)
 import nbd  # noqa: E402  (python3-libnbd; run with /usr/bin/python3)
@@ -315,6 +315,49 @@ def t_file_disk(d):
     check(r.is_read_only(), "read-only file disk not advertised read-only")
     eq(nbd_errno(r.pwrite, b"x" * 512, 0), errno.EPERM, "write to a read-only file disk")
     r.shutdown()
+
+
+@case("file disk: large reads come from the page cache (spliced) or from the file, "
+      "and stay right after writes, cache drops and a truncation behind vdbus's back")
+def t_file_large_reads(d):
+    path = plug_file(d, "fl", "48M")
+    data = bytearray(pattern(11, 48 * MiB))
+    h = d.nbd("fl")
+    for off in range(0, 48 * MiB, 4 * MiB):
+        h.pwrite(bytes(data[off:off + 4 * MiB]), off)
+    h.flush()
+    reqs = [(0, MiB), (123, 65536), (5 * MiB + 7, 3 * MiB), (0, 32 * MiB), (48 * MiB - 70000, 70000)]
+    for off, ln in reqs:
+        eq(h.pread(ln, off) == bytes(data[off:off + ln]), True, "cached read of %d at %d" % (ln, off))
+    # Rewrite part of it: a read after the write's reply sees the new data.
+    new = pattern(12, 2 * MiB)
+    h.pwrite(new, 6 * MiB)
+    data[6 * MiB:8 * MiB] = new
+    eq(h.pread(4 * MiB, 5 * MiB) == bytes(data[5 * MiB:9 * MiB]), True, "read after rewrite")
+    # Out of the page cache: the same reads go through io_uring.
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    for off, ln in reqs:
+        eq(h.pread(ln, off) == bytes(data[off:off + ln]), True, "uncached read of %d at %d" % (ln, off))
+    # Another program truncates the image under the daemon: reads of the
+    # missing part are zeroes or EIO, never a crash, and the rest is intact.
+    os.truncate(path, 16 * MiB)
+    for off, ln in [(20 * MiB, MiB), (15 * MiB, 2 * MiB), (30 * MiB, 65536)]:
+        try:
+            got = h.pread(ln, off)
+        except nbd.Error as e:
+            check(e.errno in (errno.EIO, None), "read past the truncation: %s" % e)
+        else:
+            keep = max(0, min(ln, 16 * MiB - off))
+            eq(got[:keep] == bytes(data[off:off + keep]), True, "data before the truncation")
+            eq(got[keep:] == bytes(ln - keep), True, "zeroes past the truncation")
+    eq(h.pread(MiB, 0) == bytes(data[:MiB]), True, "the start is intact")
+    h.shutdown()
+    h2 = d.nbd("fl")
+    eq(h2.pread(4096, 0), bytes(data[:4096]), "a new client is served")
+    h2.shutdown()
 
 
 @case("a disk of 1000001 bytes is readable and writable to the last byte")

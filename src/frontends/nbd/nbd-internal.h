@@ -132,6 +132,7 @@ struct nbd_conn {
   size_t out_off;               /* bytes of outq's head already sent */
   int pipe[2];                  /* for splicing large mapped reads (-1: none yet) */
   size_t pipe_len;              /* bytes of outq's head in the pipe, after out_off */
+  bool primed;                  /* outq's head (spliced) has its first part in the pipe */
   bool no_splice;               /* pipe unavailable: plain sendmsg */
 
   struct nbd_req *free_reqs;
@@ -180,6 +181,8 @@ void nbd_tx_process(struct nbd_conn *c);
 void nbd_tx_req_free(struct nbd_req *r);
 /* After an unplug kick: close once nothing is in flight. */
 void nbd_tx_maybe_finish(struct nbd_conn *c);
+/* Turn the queued, not yet started reply r into an error reply for err. */
+void nbd_tx_rebuild_error(struct nbd_conn *c, struct nbd_req *r, int err);
 /* Put a request back on the connection's free list. */
 void nbd_tx_release(struct nbd_conn *c, struct nbd_req *r);
 

@@ -111,6 +111,7 @@ static void conn_drop_output(struct nbd_conn *c)
   c->hsout.off = c->hsout.len;
   if (c->pipe_len)
     pipe_close(c);   /* what it holds belonged to a dropped reply */
+  c->primed = false;
 }
 
 static int send_hsout(struct nbd_conn *c)
@@ -140,6 +141,7 @@ static void outq_consume(struct nbd_conn *c, size_t n)
     }
     n -= rem;
     c->out_off = 0;
+    c->primed = false;
     c->outq = r->next;
     if (!c->outq)
       c->outq_tail = &c->outq;
@@ -155,42 +157,59 @@ static void pipe_close(struct nbd_conn *c)
   }
   c->pipe[0] = c->pipe[1] = -1;
   c->pipe_len = 0;
+  c->primed = false;
 }
 
-/* The head of outq is a spliced reply whose header is out: move its
- * payload through the pipe into the socket.  Returns 1 when progress was
- * made, 0 on EAGAIN, -errno on error. */
-static int splice_head(struct nbd_conn *c)
+static int pipe_open(struct nbd_conn *c)
+{
+  if (c->pipe[0] >= 0)
+    return 0;
+  if (pipe2(c->pipe, O_NONBLOCK | O_CLOEXEC) < 0) {
+    c->pipe[0] = c->pipe[1] = -1;
+    return -errno;
+  }
+  fcntl(c->pipe[1], F_SETPIPE_SZ, (int)NBD_PIPE_SIZE);   /* a hint: the default 64K works */
+  return 0;
+}
+
+/* vmsplice the next part of the head's payload (from out_off + pipe_len). */
+static ssize_t pipe_fill(struct nbd_conn *c)
+{
+  struct nbd_req *r = c->outq;
+  size_t hl = r->iov[0].iov_len;
+  size_t done = (c->out_off > hl ? c->out_off - hl : 0) + c->pipe_len;
+  struct iovec v = {
+    .iov_base = (uint8_t *)r->iov[1].iov_base + done,
+    .iov_len = r->iov[1].iov_len - done,
+  };
+
+  return vmsplice(c->pipe[1], &v, 1, SPLICE_F_NONBLOCK);
+}
+
+/* The head of outq is a spliced reply not yet started: put the first part
+ * of its payload into the pipe before its header goes out, so that memory
+ * that cannot be read (a file truncated under its mapping) still gets an
+ * error reply.  Returns 1 (go on) or 0 (EAGAIN). */
+static int splice_prime(struct nbd_conn *c)
 {
   struct nbd_req *r = c->outq;
   ssize_t n;
 
-  if (c->pipe_len == 0) {
-    size_t done = c->out_off - r->iov[0].iov_len;
-    struct iovec v = {
-      .iov_base = (uint8_t *)r->iov[1].iov_base + done,
-      .iov_len = r->iov[1].iov_len - done,
-    };
-    if (c->pipe[0] < 0) {
-      if (pipe2(c->pipe, O_NONBLOCK | O_CLOEXEC) < 0) {
-        c->pipe[0] = c->pipe[1] = -1;
-        goto fallback;
-      }
-      fcntl(c->pipe[1], F_SETPIPE_SZ, (int)NBD_PIPE_SIZE);   /* a hint: default 64K works */
-    }
-    n = vmsplice(c->pipe[1], &v, 1, SPLICE_F_NONBLOCK);
-    if (n < 0) {
-      if (errno == EAGAIN || errno == EINTR)
-        return 0;
-      goto fallback;
-    }
-    c->pipe_len = (size_t)n;
+  if (pipe_open(c) < 0)
+    goto fallback;
+  n = pipe_fill(c);
+  if (n < 0 && (errno == EAGAIN || errno == EINTR))
+    return 0;
+  if (n < 0 && errno == EFAULT) {
+    vdb_warn("NBD %s: read of %llu bytes at %llu: the backend's memory is unreadable: EIO",
+             c->peer, (unsigned long long)r->len, (unsigned long long)r->offset);
+    nbd_tx_rebuild_error(c, r, -EIO);
+    return 1;
   }
-  n = splice(c->pipe[0], NULL, c->fd, NULL, c->pipe_len, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
   if (n < 0)
-    return errno == EAGAIN || errno == EINTR ? 0 : -errno;
-  c->pipe_len -= (size_t)n;
-  outq_consume(c, (size_t)n);
+    goto fallback;
+  c->pipe_len = (size_t)n;
+  c->primed = true;
   return 1;
 
 fallback:
@@ -199,6 +218,27 @@ fallback:
   c->no_splice = true;
   for (struct nbd_req *q = c->outq; q; q = q->next)
     q->splice = false;
+  return 1;
+}
+
+/* The head of outq is a spliced reply whose header is out: move its
+ * payload through the pipe into the socket.  Returns 1 when progress was
+ * made, 0 on EAGAIN, -errno on error. */
+static int splice_head(struct nbd_conn *c)
+{
+  ssize_t n;
+
+  if (c->pipe_len == 0) {
+    n = pipe_fill(c);
+    if (n < 0)
+      return errno == EAGAIN || errno == EINTR ? 0 : -errno;
+    c->pipe_len = (size_t)n;
+  }
+  n = splice(c->pipe[0], NULL, c->fd, NULL, c->pipe_len, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+  if (n < 0)
+    return errno == EAGAIN || errno == EINTR ? 0 : -errno;
+  c->pipe_len -= (size_t)n;
+  outq_consume(c, (size_t)n);
   return 1;
 }
 
@@ -211,15 +251,23 @@ static int send_outq(struct nbd_conn *c)
     int n = 0;
     size_t skip = c->out_off;
 
-    if (c->outq->splice && (c->pipe_len > 0 || c->out_off >= c->outq->iov[0].iov_len)) {
+    if (c->outq->splice && !c->primed) {
+      if (splice_prime(c) == 0)
+        return 0;
+      continue;
+    }
+    if (c->outq->splice && c->out_off >= c->outq->iov[0].iov_len) {
       int e = splice_head(c);
       if (e <= 0)
         return e;
       continue;
     }
-    /* Everything up to the next spliced payload, in one sendmsg. */
+    /* Everything up to the next spliced payload (the head's header
+     * included once its payload is primed), in one sendmsg. */
     for (struct nbd_req *r = c->outq; r && n + 2 <= MAXIOV; r = r->next) {
       bool stop = false;
+      if (r->splice && r != c->outq)
+        break;
       for (int i = 0; i < r->niov; i++) {
         if (r->splice && i == 1) {
           stop = true;

@@ -167,8 +167,8 @@ static size_t block_status_payload(struct nbd_req *r)
   return (size_t)(p - r->bs);
 }
 
-/* Build r's reply for result err (0 or -errno) and queue it. */
-static void tx_reply(struct nbd_conn *c, struct nbd_req *r, int err)
+/* Build r's reply for result err (0 or -errno) in r->hdr and r->iov. */
+static void tx_build(struct nbd_conn *c, struct nbd_req *r, int err)
 {
   uint32_t werr = nbd_errno_to_wire(err);
   size_t hl, pl = 0;
@@ -218,9 +218,19 @@ static void tx_reply(struct nbd_conn *c, struct nbd_req *r, int err)
    * which the next request reuses while the socket may still hold it. */
   r->splice = pl >= NBD_SPLICE_MIN && r->cmd == NBD_CMD_READ && payload != r->buf &&
               !c->no_splice;
+}
+
+static void tx_reply(struct nbd_conn *c, struct nbd_req *r, int err)
+{
+  tx_build(c, r, err);
   r->next = NULL;
   *c->outq_tail = r;
   c->outq_tail = &r->next;
+}
+
+void nbd_tx_rebuild_error(struct nbd_conn *c, struct nbd_req *r, int err)
+{
+  tx_build(c, r, err);
 }
 
 /* ---- completion ---- */
@@ -297,8 +307,8 @@ static void tx_submit(struct nbd_conn *c, struct nbd_req *r)
   v->buf = r->buf;
   v->done = tx_done;
   v->opaque = r;
-  if (r->cmd == NBD_CMD_READ)
-    v->flags |= VDB_REQ_MAP;    /* the connection holds the disk until sent */
+  if (r->cmd == NBD_CMD_READ && r->len >= NBD_SPLICE_MIN && !c->no_splice)
+    v->flags |= VDB_REQ_MAP;    /* spliced from the backend's memory; we hold the disk */
   if (r->cflags & NBD_CMD_FLAG_FUA)
     v->flags |= VDB_REQ_FUA;
   if (r->cflags & NBD_CMD_FLAG_NO_HOLE)
