@@ -43,10 +43,17 @@ COLS = ["rep", "workload", "pair", "side", "value", "unit", "ios", "wall_s",
         "server_cpu_s", "client_cpu_s", "fio_usr_pct", "fio_sys_pct"]
 
 
+class ServerGone(Exception):
+    pass
+
+
 def proc_cpu(pid):
     """utime+stime of a whole process (all threads), seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        s = f.read()
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            s = f.read()
+    except FileNotFoundError:
+        raise ServerGone(pid) from None
     fields = s[s.rindex(")") + 2:].split()
     # fields[0] is field 3 (state); utime is field 14, stime field 15
     return (int(fields[11]) + int(fields[12])) / TCK
@@ -569,7 +576,12 @@ def main():
         argv, fio_args = argv[:i], argv[i + 1:]
     a = ap.parse_args(argv)
     if a.cmd == "measure":
-        return measure(a, fio_args)
+        try:
+            return measure(a, fio_args)
+        except ServerGone as e:
+            sys.stderr.write(f"benchlib: server process {e} ({a.side} {a.pair}) is gone: "
+                             "it crashed or something killed it\n")
+            return 1
     if a.cmd == "mem-fill":
         return mem_fill(a, fio_args)
     if a.cmd == "mem-trim":
