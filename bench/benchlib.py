@@ -340,6 +340,22 @@ def verdict(value, reps, target, at_least):
     return ("yes" if ok else "**NO**"), ("yes" if every else "no")
 
 
+def f_vs(v, target, at_least):
+    """A ratio to 2 decimals, or 3 where 2 would round a miss onto the target."""
+    if v is None:
+        return "–"
+    ok = v >= target if at_least else v <= target
+    return f"{v:.3f}" if not ok and round(v, 2) == target else f"{v:.2f}"
+
+
+def f_reps(rs, target, at_least):
+    """fmt_ratios with f_vs precision."""
+    if not rs:
+        return "–"
+    f = [f_vs(x, target, at_least) for x in (statistics.median(rs), min(rs), max(rs))]
+    return f[0] if len(rs) == 1 else f"{f[0]} ({f[1]}–{f[2]})"
+
+
 def targets_report(a):
     """Markdown: each target row of the issue, its measured ratios, met or not."""
     rows = read_tsv(a.tsv)
@@ -362,14 +378,14 @@ def targets_report(a):
                     missing.setdefault(key, ([], len(g["tput"])))[0].append(w)
                     continue
                 v, e = verdict(res["ratio"], res["reps"], need, True)
-                cells = [name, t or "–", w, f2(res["ratio"]),
-                         fmt_ratios(res["reps"]), f"≥ {need:g}", v, e]
+                cells = [name, t or "–", w, f_vs(res["ratio"], need, True),
+                         f_reps(res["reps"], need, True), f"≥ {need:g}", v, e]
                 total += 1
                 met += v == "yes"
                 if g["cpu_max"] is not None:
                     cv, ce = verdict(res["cpu_ratio"], res["cpu_reps"], g["cpu_max"], False)
-                    cells += [f2(res["cpu_ratio"]),
-                              fmt_ratios(res["cpu_reps"]), f"≤ {g['cpu_max']:g}", cv, ce]
+                    cells += [f_vs(res["cpu_ratio"], g["cpu_max"], False),
+                              f_reps(res["cpu_reps"], g["cpu_max"], False), f"≤ {g['cpu_max']:g}", cv, ce]
                     total += 1
                     met += cv == "yes"
                 else:   # no CPU target: the ratio for information
