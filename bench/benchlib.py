@@ -9,8 +9,16 @@
       appends one TSV row to FILE.
 
   benchlib.py report --tsv FILE [--title T] [--pair-label L]
-      Prints the markdown table (medians of the interleaved reps).
+      Prints the markdown table (medians of the interleaved reps, and the
+      vdbus/peer ratio computed per rep: median, min-max).
       (measure takes --pid more than once to sum several server processes.)
+
+  benchlib.py best --tsv FILE --pairs P1,P2
+      vdbus against the better of several peers (pairs P1/TR, P2/TR that share
+      one vdbus disk), per workload and transport.
+  benchlib.py targets --tsv FILE --set run|loop
+      The issue's targets for that bench (TARGETS below): measured ratios
+      (of medians, and per rep), and whether each target is met.
 
   benchlib.py mem-fill --tsv FILE --pid PID --side S --phase P -- fio ARGS...
   benchlib.py mem-trim --tsv FILE --pid PID --side S --phase P --uri URI --length L [--offset O]
@@ -35,10 +43,17 @@ COLS = ["rep", "workload", "pair", "side", "value", "unit", "ios", "wall_s",
         "server_cpu_s", "client_cpu_s", "fio_usr_pct", "fio_sys_pct"]
 
 
+class ServerGone(Exception):
+    pass
+
+
 def proc_cpu(pid):
     """utime+stime of a whole process (all threads), seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        s = f.read()
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            s = f.read()
+    except FileNotFoundError:
+        raise ServerGone(pid) from None
     fields = s[s.rindex(")") + 2:].split()
     # fields[0] is field 3 (state); utime is field 14, stime field 15
     return (int(fields[11]) + int(fields[12])) / TCK
@@ -98,16 +113,55 @@ def measure(a, fio_args):
 
 
 def fmt(v, unit):
-    return f"{v:,.0f}" if unit == "iops" else f"{v:,.0f}"
+    return f"{v:,.0f}"
 
 
-def report(a):
+def read_tsv(path):
+    """Rows of a TSV written by measure (or mem-*), as dicts keyed by the header."""
     rows = []
-    with open(a.tsv) as f:
+    with open(path) as f:
         hdr = f.readline().rstrip("\n").split("\t")
         for line in f:
             if line.strip():
                 rows.append(dict(zip(hdr, line.rstrip("\n").split("\t"))))
+    return rows
+
+
+def cpu_us(r):
+    """Server CPU per request of one run, µs (None if the run did no I/O)."""
+    return float(r["server_cpu_s"]) * 1e6 / int(r["ios"]) if int(r["ios"]) else None
+
+
+def side_stats(rows, side):
+    """For one side of one workload+pair: {rep: value}, {rep: server CPU µs/req}."""
+    val, cpu = {}, {}
+    for r in rows:
+        if r["side"] != side:
+            continue
+        val.setdefault(r["rep"], []).append(float(r["value"]))
+        c = cpu_us(r)
+        if c is not None:
+            cpu.setdefault(r["rep"], []).append(c)
+    return ({k: statistics.median(v) for k, v in val.items()},
+            {k: statistics.median(v) for k, v in cpu.items()})
+
+
+def per_rep_ratios(num, den):
+    """num[rep] / den[rep] for the reps both have (interleaved pairs of runs)."""
+    return [num[k] / den[k] for k in num if k in den and den[k]]
+
+
+def fmt_ratios(rs):
+    """'median (min–max)' of per-rep ratios; just the value with one rep."""
+    if not rs:
+        return "–"
+    if len(rs) == 1:
+        return f"{rs[0]:.2f}"
+    return f"{statistics.median(rs):.2f} ({min(rs):.2f}–{max(rs):.2f})"
+
+
+def report(a):
+    rows = read_tsv(a.tsv)
     order_w, order_p = [], []
     for r in rows:
         if r["workload"] not in order_w:
@@ -119,18 +173,20 @@ def report(a):
         out.append(a.title)
         out.append("")
     out.append(f"| workload | {a.pair_label} | vdbus (median, min–max) | peer (median, min–max) "
-               "| ratio of medians | vdbus CPU µs/req | peer CPU µs/req "
+               "| ratio of medians | ratio per rep (median, min–max) "
+               "| vdbus CPU µs/req | peer CPU µs/req "
                "| client CPU µs/req (vdbus / peer) |")
-    out.append("|---|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|")
     for w in order_w:
         for p in order_p:
             sel = [r for r in rows if r["workload"] == w and r["pair"] == p]
             if not sel:
                 continue
             unit = sel[0]["unit"]
-            cell, med, cpu, cli = {}, {}, {}, {}
+            cell, med, cpu, cli, rep = {}, {}, {}, {}, {}
             for side in ("vdbus", "peer"):
                 s = [r for r in sel if r["side"] == side]
+                rep[side] = side_stats(sel, side)[0]
                 if not s:
                     cell[side], med[side], cpu[side], cli[side] = "–", None, "–", "–"
                     continue
@@ -138,14 +194,210 @@ def report(a):
                 med[side] = statistics.median(vals)
                 cell[side] = (f"{fmt(med[side], unit)} {unit} "
                               f"({fmt(min(vals), unit)}–{fmt(max(vals), unit)})")
-                per = [float(r["server_cpu_s"]) * 1e6 / int(r["ios"]) for r in s if int(r["ios"])]
+                per = [cpu_us(r) for r in s if int(r["ios"])]
                 cpu[side] = f"{statistics.median(per):.1f}" if per else "–"
                 per = [float(r["client_cpu_s"]) * 1e6 / int(r["ios"]) for r in s if int(r["ios"])]
                 cli[side] = f"{statistics.median(per):.1f}" if per else "–"
             ratio = (f"{med['vdbus'] / med['peer']:.2f}"
                      if med["vdbus"] is not None and med["peer"] else "–")
-            out.append(f"| {w} | {p} | {cell['vdbus']} | {cell['peer']} | {ratio} "
+            pr = fmt_ratios(per_rep_ratios(rep["vdbus"], rep["peer"]))
+            out.append(f"| {w} | {p} | {cell['vdbus']} | {cell['peer']} | {ratio} | {pr} "
                        f"| {cpu['vdbus']} | {cpu['peer']} | {cli['vdbus']} / {cli['peer']} |")
+    print("\n".join(out))
+    return 0
+
+
+# ---------------------------------------------------------------- best-of and targets
+def best_of(rows, workload, pairs):
+    """vdbus against the better (higher median) of several peers, one workload.
+
+    rows are measure rows; pairs are TSV pair names whose vdbus side is the
+    same vdbus disk (e.g. file-qemu/unix and file-nbdkit/unix).  Returns None
+    if nothing was measured, else a dict:
+      vmed        median of all vdbus runs of those pairs
+      peers       {pair: (median, server CPU µs/req median)} of each peer
+      best        the pair whose peer has the higher median
+      ratio       vmed / best peer's median
+      reps        per interleaved rep: vdbus (median of its runs in that rep)
+                  / the better of the peers' values in that rep
+      vcpu        median server CPU µs/req of vdbus
+      cpu_ratio   vcpu / the best peer's median CPU
+      cpu_reps    per rep: vdbus CPU / the best peer's CPU in that rep
+    With one pair this is simply that pair's vdbus/peer."""
+    sel = [r for r in rows if r["workload"] == workload and r["pair"] in pairs]
+    vd = [r for r in sel if r["side"] == "vdbus"]
+    if not vd:
+        return None
+    res = {"unit": sel[0]["unit"], "peers": {}}
+    res["vmed"] = statistics.median(float(r["value"]) for r in vd)
+    vc = [c for c in (cpu_us(r) for r in vd) if c is not None]
+    res["vcpu"] = statistics.median(vc) if vc else None
+    vrep, vcpurep = side_stats(sel, "vdbus")
+    prep, pcpurep = {}, {}
+    for p in pairs:
+        ps = [r for r in sel if r["pair"] == p and r["side"] == "peer"]
+        if not ps:
+            continue
+        pc = [c for c in (cpu_us(r) for r in ps) if c is not None]
+        res["peers"][p] = (statistics.median(float(r["value"]) for r in ps),
+                           statistics.median(pc) if pc else None)
+        prep[p], pcpurep[p] = side_stats(ps, "peer")
+    if not res["peers"]:
+        return None
+    res["best"] = max(res["peers"], key=lambda p: res["peers"][p][0])
+    bmed, bcpu = res["peers"][res["best"]]
+    res["ratio"] = res["vmed"] / bmed if bmed else None
+    res["cpu_ratio"] = res["vcpu"] / bcpu if res["vcpu"] is not None and bcpu else None
+    # per rep: the better peer of that rep (throughput), and that peer's CPU
+    res["reps"], res["cpu_reps"] = [], []
+    for k in sorted(vrep, key=int):
+        cand = [(prep[p][k], p) for p in prep if k in prep[p]]
+        if not cand:
+            continue
+        bv, bp = max(cand)
+        if bv:
+            res["reps"].append(vrep[k] / bv)
+        if k in vcpurep and k in pcpurep[bp] and pcpurep[bp][k]:
+            res["cpu_reps"].append(vcpurep[k] / pcpurep[bp][k])
+    return res
+
+
+def f1(v):
+    return "–" if v is None else f"{v:.1f}"
+
+
+def f2(v):
+    return "–" if v is None else f"{v:.2f}"
+
+
+def peer_name(pair):
+    """'file-qemu/tcp' -> 'file-qemu'"""
+    return pair.split("/")[0]
+
+
+def best_report(a):
+    """Markdown table: per workload and transport, vdbus vs the better peer."""
+    rows = read_tsv(a.tsv)
+    bases = a.pairs.split(",")
+    trs = [t for t in ("unix", "tcp") if any(r["pair"] == f"{bases[0]}/{t}" for r in rows)]
+    names = " / ".join(bases)
+    out = [f"| workload | transport | vdbus (median) | {names} peer medians | better peer "
+           "| ratio vs better (of medians) | ratio per rep (median, min–max) "
+           f"| vdbus CPU µs/req | better peer CPU µs/req |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    order_w = []
+    for r in rows:
+        if r["workload"] not in order_w:
+            order_w.append(r["workload"])
+    for w in order_w:
+        for t in trs:
+            res = best_of(rows, w, [f"{b}/{t}" for b in bases])
+            if res is None:
+                continue
+            u = res["unit"]
+            meds = " / ".join(fmt(res["peers"][f"{b}/{t}"][0], u) if f"{b}/{t}" in res["peers"] else "–"
+                              for b in bases)
+            bcpu = res["peers"][res["best"]][1]
+            out.append(f"| {w} | {t} | {fmt(res['vmed'], u)} {u} | {meds} {u} | {peer_name(res['best'])} "
+                       f"| {f2(res['ratio'])} | {fmt_ratios(res['reps'])} "
+                       f"| {f1(res['vcpu'])} | {f1(bcpu)} |")
+    print("\n".join(out))
+    return 0
+
+
+# The issue's targets, per bench script.  Each group: a label, the TSV pair
+# names (several = "vs the better of them", same vdbus disk), the transports
+# (None: the pair name has no /transport), the minimum throughput ratio per
+# workload, and the maximum server-CPU-per-request ratio (vdbus / peer) or None.
+RAM_TPUT = {"4k-randread-qd32": 1.2, "4k-randwrite-qd32": 1.2,
+            "4k-randread-qd32x2": 1.5, "4k-randwrite-qd32x2": 1.5,
+            "1M-read-qd8": 1.5, "1M-write-qd8": 1.5}
+TARGETS = {
+    "run": [
+        {"label": "ram: vdbus RAM disk vs nbdkit memory", "pairs": ["ram"],
+         "transports": ["unix", "tcp"], "tput": RAM_TPUT, "cpu_max": 0.5},
+        {"label": "file: vdbus file disk vs the better of qemu-nbd and nbdkit file",
+         "pairs": ["file-qemu", "file-nbdkit"], "transports": ["unix", "tcp"],
+         "tput": {w: 1.5 for w in RAM_TPUT}, "cpu_max": None},
+    ],
+    "loop": [
+        {"label": "loop: vdbus --attach loop vs nbdfuse+nbdkit memory+losetup", "pairs": ["loop"],
+         "transports": [None],
+         "tput": {"4k-randread-qd32": 3, "4k-randwrite-qd32": 3, "1M-read-qd8": 2, "1M-write-qd8": 2},
+         "cpu_max": None},
+    ],
+}
+
+
+def verdict(value, reps, target, at_least):
+    """'yes'/'NO' for the ratio of medians, and whether every rep meets it."""
+    if value is None:
+        return "–", "–"
+    ok = value >= target if at_least else value <= target
+    if not reps:
+        return ("yes" if ok else "**NO**"), "–"
+    every = all((x >= target) if at_least else (x <= target) for x in reps)
+    return ("yes" if ok else "**NO**"), ("yes" if every else "no")
+
+
+def f_vs(v, target, at_least):
+    """A ratio to 2 decimals, or 3 where 2 would round a miss onto the target."""
+    if v is None:
+        return "–"
+    ok = v >= target if at_least else v <= target
+    return f"{v:.3f}" if not ok and round(v, 2) == target else f"{v:.2f}"
+
+
+def f_reps(rs, target, at_least):
+    """fmt_ratios with f_vs precision."""
+    if not rs:
+        return "–"
+    f = [f_vs(x, target, at_least) for x in (statistics.median(rs), min(rs), max(rs))]
+    return f[0] if len(rs) == 1 else f"{f[0]} ({f[1]}–{f[2]})"
+
+
+def targets_report(a):
+    """Markdown: each target row of the issue, its measured ratios, met or not."""
+    rows = read_tsv(a.tsv)
+    out = [f"- {g['label']}" for g in TARGETS[a.set]]
+    out += ["",
+            "| target | transport | workload | throughput ratio: of medians "
+            "| per rep (median, min–max) | need | met | every rep "
+            "| server CPU/req ratio: of medians | per rep (median, min–max) | need | met | every rep |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    met = total = 0
+    missing = {}   # "target/transport" -> workloads not measured
+    for g in TARGETS[a.set]:
+        for t in g["transports"]:
+            pairs = [p if t is None else f"{p}/{t}" for p in g["pairs"]]
+            for w, need in g["tput"].items():
+                res = best_of(rows, w, pairs)
+                name = g["label"].split(":")[0]
+                if res is None:
+                    key = name if t is None else f"{name}/{t}"
+                    missing.setdefault(key, ([], len(g["tput"])))[0].append(w)
+                    continue
+                v, e = verdict(res["ratio"], res["reps"], need, True)
+                cells = [name, t or "–", w, f_vs(res["ratio"], need, True),
+                         f_reps(res["reps"], need, True), f"≥ {need:g}", v, e]
+                total += 1
+                met += v == "yes"
+                if g["cpu_max"] is not None:
+                    cv, ce = verdict(res["cpu_ratio"], res["cpu_reps"], g["cpu_max"], False)
+                    cells += [f_vs(res["cpu_ratio"], g["cpu_max"], False),
+                              f_reps(res["cpu_reps"], g["cpu_max"], False), f"≤ {g['cpu_max']:g}", cv, ce]
+                    total += 1
+                    met += cv == "yes"
+                else:   # no CPU target: the ratio for information
+                    cells += [f2(res["cpu_ratio"]), fmt_ratios(res["cpu_reps"]), "–", "–", "–"]
+                out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out.append(f"Targets met (judged on the ratio of medians): **{met} of {total}**"
+               + (" measured" if missing else "") + ".")
+    if missing:
+        out.append("Not measured in this run: " + "; ".join(
+            f"{k} ({'all workloads' if len(ws) == n else ', '.join(ws)})"
+            for k, (ws, n) in missing.items()) + ".")
     print("\n".join(out))
     return 0
 
@@ -306,6 +558,13 @@ def main():
     r.add_argument("--tsv", required=True)
     r.add_argument("--title", default="")
     r.add_argument("--pair-label", default="pair", help="header of the pair column")
+    b = sub.add_parser("best")
+    b.add_argument("--tsv", required=True)
+    b.add_argument("--pairs", required=True,
+                   help="comma-separated pair names (without /transport) sharing one vdbus disk")
+    t = sub.add_parser("targets")
+    t.add_argument("--tsv", required=True)
+    t.add_argument("--set", required=True, choices=sorted(TARGETS))
     for name in ("mem-fill", "mem-trim", "mem-plug"):
         x = sub.add_parser(name)
         x.add_argument("--tsv", required=True)
@@ -333,7 +592,12 @@ def main():
         argv, fio_args = argv[:i], argv[i + 1:]
     a = ap.parse_args(argv)
     if a.cmd == "measure":
-        return measure(a, fio_args)
+        try:
+            return measure(a, fio_args)
+        except ServerGone as e:
+            sys.stderr.write(f"benchlib: server process {e} ({a.side} {a.pair}) is gone: "
+                             "it crashed or something killed it\n")
+            return 1
     if a.cmd == "mem-fill":
         return mem_fill(a, fio_args)
     if a.cmd == "mem-trim":
@@ -342,6 +606,10 @@ def main():
         return mem_plug(a)
     if a.cmd == "mem-report":
         return mem_report(a)
+    if a.cmd == "best":
+        return best_report(a)
+    if a.cmd == "targets":
+        return targets_report(a)
     if a.cmd == "rss":
         print(*proc_rss(a.pid))
         return 0
