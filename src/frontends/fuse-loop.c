@@ -24,6 +24,7 @@
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <limits.h>
+#include <malloc.h>
 #include <linux/falloc.h>
 #include <linux/loop.h>
 #include <pthread.h>
@@ -53,6 +54,7 @@
 #define LF_BUF_ALIGN 4096u
 #define LF_BUF_GRANULE (64u << 10)    /* buffers grow in steps of this */
 #define LF_RECV_BATCH 64              /* requests per readable event */
+#define LF_SWAP_MIN (64u << 10)       /* writes this large swap buffers instead of copying */
 #define LF_ATTR_TIMEOUT 86400.0       /* the size changes only by lf_resize (invalidates) */
 #define LF_CONFIGURE_TRIES 16
 #define LF_RELEASE_WAIT_MS 3000       /* wait for the loop to let go of the file */
@@ -65,7 +67,7 @@ struct lf_ctx {
   struct vdb_req req;
   struct loop_fe *lf;
   fuse_req_t freq;
-  void *buf;                 /* data buffer, LF_BUF_ALIGN aligned */
+  void *buf;                 /* data buffer (a former receive buffer is only malloc-aligned) */
   size_t cap;                /* its size; only grows */
   struct lf_ctx *next;       /* free list */
 };
@@ -80,6 +82,7 @@ struct loop_fe {
   struct fuse_session *se;
   bool mounted;
   struct fuse_buf fbuf;      /* receive buffer; worker thread only */
+  size_t fbuf_cap;           /* its size (0: not known yet) */
   struct vdb_loop *loop;     /* the worker loop serving se */
   struct vdb_watch w;
   bool watched;              /* w is in loop; changed on loop's thread */
@@ -194,7 +197,7 @@ static void lf_req_done(struct vdb_req *req, int err)
   if (err < 0)
     fuse_reply_err(c->freq, lf_errno(err));
   else if (req->type == VDB_REQ_READ)
-    fuse_reply_buf(c->freq, c->buf, req->len);
+    fuse_reply_buf(c->freq, req->buf, req->len);  /* c->buf, or the backend's (VDB_REQ_MAP) */
   else if (req->type == VDB_REQ_WRITE)
     fuse_reply_write(c->freq, req->len);
   else
@@ -203,20 +206,27 @@ static void lf_req_done(struct vdb_req *req, int err)
 }
 
 /* Fill c->req and hand it to the bus. */
-static void lf_submit(struct lf_ctx *c, fuse_req_t freq, enum vdb_req_type type,
-                      uint64_t off, uint64_t len, uint32_t flags)
+static void lf_submit_data(struct lf_ctx *c, fuse_req_t freq, enum vdb_req_type type,
+                           uint64_t off, uint64_t len, uint32_t flags, void *data)
 {
   c->freq = freq;
   c->req.type = type;
   c->req.flags = flags;
   c->req.offset = off;
   c->req.len = len;
-  c->req.buf = (type == VDB_REQ_READ || type == VDB_REQ_WRITE) ? c->buf : NULL;
+  c->req.buf = data;
   c->req.done = lf_req_done;
   c->req.opaque = c;
   vdb_dbg(VDB_DBG_FUSE, "%s: fuse req type %d off %llu len %llu", c->lf->d->name,
           (int)type, (unsigned long long)off, (unsigned long long)len);
   vdb_disk_submit(c->lf->d, &c->req);
+}
+
+static void lf_submit(struct lf_ctx *c, fuse_req_t freq, enum vdb_req_type type,
+                      uint64_t off, uint64_t len, uint32_t flags)
+{
+  lf_submit_data(c, freq, type, off, len, flags,
+                 (type == VDB_REQ_READ || type == VDB_REQ_WRITE) ? c->buf : NULL);
 }
 
 static void lf_fill_stat(const struct loop_fe *lf, struct stat *st)
@@ -320,7 +330,9 @@ static void lf_op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     fuse_reply_err(req, ENOMEM);
     return;
   }
-  lf_submit(c, req, VDB_REQ_READ, (uint64_t)off, size, 0);
+  /* The reply (a writev to /dev/fuse) may copy straight from the backend's
+   * memory: the disk outlives every request of its frontend. */
+  lf_submit(c, req, VDB_REQ_READ, (uint64_t)off, size, VDB_REQ_MAP);
 }
 
 static void lf_op_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv,
@@ -334,6 +346,24 @@ static void lf_op_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *
 
   if (off < 0 || len > LF_MAX_IO) {
     fuse_reply_err(req, EINVAL);
+    return;
+  }
+  /* A large write whose data sits in the receive buffer: that buffer
+   * becomes the request's and a pool buffer (as large) receives next, so
+   * the data is not copied on the way to the backend. */
+  if (len >= LF_SWAP_MIN && bufv->count == 1 && !(bufv->buf[0].flags & FUSE_BUF_IS_FD) &&
+      lf->fbuf.mem && (lf->fbuf_cap || (lf->fbuf_cap = malloc_usable_size(lf->fbuf.mem))) &&
+      (uint8_t *)bufv->buf[0].mem >= (uint8_t *)lf->fbuf.mem &&
+      (uint8_t *)bufv->buf[0].mem + len <= (uint8_t *)lf->fbuf.mem + lf->fbuf_cap &&
+      (c = lf_ctx_get(lf, lf->fbuf_cap))) {
+    void *mine = c->buf;
+    size_t mycap = c->cap;
+    c->buf = lf->fbuf.mem;
+    c->cap = lf->fbuf_cap;
+    lf->fbuf.mem = mine;
+    lf->fbuf_cap = mycap;
+    lf_submit_data(c, req, VDB_REQ_WRITE, (uint64_t)off, len,
+                   (fi && (fi->flags & (O_SYNC | O_DSYNC))) ? VDB_REQ_FUA : 0, bufv->buf[0].mem);
     return;
   }
   c = lf_ctx_get(lf, len);

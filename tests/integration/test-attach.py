@@ -115,6 +115,43 @@ def t_fio(d):
     check(not os.path.exists(os.path.join(d.run_dir, "disks", "f")), "FUSE file left after unplug")
 
 
+@case("fio verify with large and mixed request sizes (4k to 1M) on loop devices over RAM and file disks",
+      timeout=300)
+def t_fio_large(d):
+    need_attach()
+    if not have("fio"):
+        raise Skip("fio not installed")
+    img = os.path.join(d.data_dir, "fl.img")
+    d.plug("ram", "--size", "96M", "--name", "lr", "--attach", "loop")
+    d.plug("file", img, "--create", "--size", "96M", "--name", "lf", "--attach", "loop")
+    for name in ("lr", "lf"):
+        dev = d.disk(name)["device"]
+        for rw in ("write", "randwrite"):
+            rc, out, err = run(["fio", "--name=v", "--filename=" + dev, "--ioengine=io_uring",
+                                "--direct=1", "--rw=" + rw, "--bssplit=4k/10:64k/20:256k/30:1m/40",
+                                "--size=80M", "--iodepth=8", "--verify=crc32c", "--verify_fatal=1",
+                                "--randrepeat=0", "--output-format=json"], timeout=240)
+            if rc != 0 and "io_uring" in (out + err) and "not supported" in (out + err).lower():
+                raise Skip("io_uring not available")
+            eq(rc, 0, "fio %s on %s exit code (%s)" % (rw, name, err[-1500:]))
+            j = json.loads(out[out.index("{"):])
+            eq(j["jobs"][0]["error"], 0, "fio error")
+        # What the device shows is what the disk holds (read back over NBD).
+        fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+        try:
+            import mmap
+            m = mmap.mmap(-1, 8 * MiB)
+            n = os.preadv(fd, [m], 0)
+            head = bytes(m[:n])
+        finally:
+            os.close(fd)
+        h = d.nbd(name)
+        eq(h.pread(8 * MiB, 0) == head, True, "%s: loop device and NBD export agree" % name)
+        h.shutdown()
+    d.cli_ok("unplug", "lr")
+    d.cli_ok("unplug", "lf")
+
+
 @case("--attach loop on a read-only disk gives a read-only device", timeout=120)
 def t_ro(d):
     need_attach()
