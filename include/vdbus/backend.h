@@ -71,12 +71,13 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-#define VDB_BACKEND_API_VERSION 2
+#define VDB_BACKEND_API_VERSION 3
 
 enum vdb_req_type {
   VDB_REQ_READ = 0,
@@ -290,6 +291,18 @@ struct vdb_backend_ops {
    * Returns 0 or -errno after vdb_set_error().  NULL: `vdbus snapshot`
    * uses a copy-on-write overlay instead. */
   int (*snapshot)(void *handle, const char *snap_name, struct vdb_params *snap_params);
+
+  /* Appended in API version 3. */
+  /* Optional: take a write's data straight into the disk's storage.  Call
+   * fill(dst, len, arg) once, where dst is where bytes [offset, offset+len)
+   * of the disk live; fill stores at most len bytes from dst on and returns
+   * how many (>= 0) or -errno.  Record the bytes it stored as written and
+   * return fill's result.  Synchronous, any thread, must not block (fill
+   * does not: it copies data already at hand, e.g. a non-blocking recv).
+   * The bus has checked the range and that the disk is writable and not
+   * paused.  Only for storage in memory (a RAM disk); NULL = not offered. */
+  ssize_t (*write_direct)(void *handle, uint64_t offset, uint64_t len,
+                          ssize_t (*fill)(void *dst, size_t len, void *arg), void *arg);
   /* Fields appended in later API versions go here. */
 };
 

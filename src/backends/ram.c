@@ -124,6 +124,17 @@ static void ram_write(void *handle, struct vdb_req *req)
   vdb_req_complete(req, 0);
 }
 
+static ssize_t ram_write_direct(void *handle, uint64_t off, uint64_t len,
+                                ssize_t (*fill)(void *dst, size_t len, void *arg), void *arg)
+{
+  struct ram *r = handle;
+  ssize_t n = fill(r->base + off, (size_t)len, arg);
+
+  if (n > 0)
+    ram_mark(r, off, (uint64_t)n);
+  return n;
+}
+
 /* Zero [off, off+len): whole pages are given back to the kernel, the
  * partial pages at either end are cleared in place. */
 static void ram_punch(struct ram *r, uint64_t off, uint64_t len)
@@ -202,4 +213,5 @@ const struct vdb_backend_ops vdb_backend_ram = {
   .trim = ram_trim,
   .write_zeroes = ram_write_zeroes,
   .block_status = ram_block_status,
+  .write_direct = ram_write_direct,
 };

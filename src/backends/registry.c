@@ -40,6 +40,7 @@ static size_t nplugins;
 static const size_t ops_min_size[] = {
   [1] = offsetof(struct vdb_backend_ops, flags) + sizeof(uint32_t),
   [2] = offsetof(struct vdb_backend_ops, snapshot) + sizeof(void (*)(void)),
+  [3] = offsetof(struct vdb_backend_ops, write_direct) + sizeof(void (*)(void)),
 };
 _Static_assert(sizeof ops_min_size / sizeof ops_min_size[0] == VDB_BACKEND_API_VERSION + 1,
                "ops_min_size needs the size of every API version");

@@ -148,6 +148,17 @@ void vdb_disk_submit(struct vdb_disk *d, struct vdb_req *req);
                                          pause and writes a base with overlays */
 void vdb_disk_submit_flags(struct vdb_disk *d, struct vdb_req *req, unsigned flags);
 
+/* Write data at hand straight into the disk's storage (backend op
+ * write_direct): fill(dst, len, arg) puts at most len bytes at dst and
+ * returns how many.  Checks like a WRITE's (-EPERM, -ENOSPC); -EOPNOTSUPP
+ * when the backend has no write_direct; -EAGAIN while the disk is paused
+ * (the caller then writes through a normal request).  Counted as in flight
+ * while it runs, so a pause waits for it.  first: the first part of a client
+ * write (for the write counter).  Returns bytes stored or -errno.  Any
+ * thread; never blocks. */
+ssize_t vdb_disk_write_direct(struct vdb_disk *d, uint64_t offset, uint64_t len, bool first,
+                              ssize_t (*fill)(void *dst, size_t len, void *arg), void *arg);
+
 /* Run one request synchronously (control path, or any thread that is not a
  * worker loop waiting on itself): 0 or -errno.  With VDB_SUBMIT_INTERNAL
  * semantics. */

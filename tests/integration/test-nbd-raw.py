@@ -417,6 +417,73 @@ def t_large_reads_slow(d):
     alive(d)
 
 
+@case("large writes to a RAM disk (received straight into its pages): pipelined, odd offsets "
+      "and lengths, FUA, read back; counters", timeout=240)
+def t_large_writes(d):
+    size = 48 * MiB
+    setup(d, "r", "48M")
+    r = connect_raw_go(d, "r", structured=True)
+    data = bytearray(size)
+    writes = [(0, MiB), (12345, 65536), (3 * MiB + 1, 2 * MiB - 3), (8 * MiB, 32 * MiB),
+              (size - 65537, 65537), (5 * MiB, 65535), (44 * MiB + 7, 777 * 1024)]
+    st0 = d.info("r")["stats"]
+    for i, (off, ln) in enumerate(writes):
+        payload = pattern(100 + i, ln)
+        data[off:off + ln] = payload
+        r.request(CMD_WRITE, 10 + i, off, ln, flags=CMD_FLAG_FUA if i % 2 else 0, data=payload)
+    done = set()
+    while len(done) < len(writes):
+        rep = r.recv_reply()
+        eq(rep.error, 0, "write %d" % rep.handle)
+        done.add(rep.handle)
+    for off in range(0, size, 4 * MiB):
+        err, got, _ = r.cmd(CMD_READ, 99, off, 4 * MiB)
+        eq(err, 0, "read back")
+        if got != bytes(data[off:off + 4 * MiB]):
+            fail("data at %d..%d differs after large writes" % (off, off + 4 * MiB))
+    st = d.info("r")["stats"]
+    eq(st["writes"] - st0["writes"], len(writes), "write counter")
+    eq(st["bytes_written"] - st0["bytes_written"], sum(ln for _, ln in writes), "bytes counter")
+    r.disconnect()
+    # A writer that dies in the middle of a large payload: the daemon is fine.
+    r = connect_raw_go(d, "r")
+    r.send(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, 1, 0, 8 * MiB) + bytes(3 * MiB))
+    r.close()
+    alive(d)
+
+
+@case("a snapshot taken while a large write's payload is still arriving: the disk gets the whole "
+      "write, the snapshot holds each block old or new", timeout=120)
+def t_large_write_snapshot(d):
+    setup(d, "r", "8M")
+    r = connect_raw_go(d, "r", structured=True)
+    old = pattern(1, 4 * MiB)
+    err, _, _ = r.cmd(CMD_WRITE, 1, 0, 4 * MiB, data=old)
+    eq(err, 0, "first write")
+    new = pattern(2, 4 * MiB)
+    r.send(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, 2, 0, 4 * MiB) + new[:MiB])
+    time.sleep(0.3)
+    d.cli_ok("snapshot", "r", "--as", "s")
+    for off in range(MiB, 4 * MiB, 256 * 1024):
+        r.send(new[off:off + 256 * 1024])
+        time.sleep(0.01)
+    rep = r.recv_reply()
+    eq((rep.handle, rep.error), (2, 0), "the write that straddled the snapshot")
+    err, got, _ = r.cmd(CMD_READ, 3, 0, 4 * MiB)
+    eq(got == new, True, "the disk has the whole write")
+    r.disconnect()
+    s = connect_raw_go(d, "s", structured=True)
+    err, snap, _ = s.cmd(CMD_READ, 4, 0, 4 * MiB)
+    eq(err, 0, "snapshot read")
+    for off in range(0, 4 * MiB, 4096):
+        blk = snap[off:off + 4096]
+        if blk != old[off:off + 4096] and blk != new[off:off + 4096]:
+            fail("snapshot block at %d is neither old nor new" % off)
+    check(snap[3 * MiB:] == old[3 * MiB:], "payload sent after the snapshot is not in it")
+    s.disconnect()
+    alive(d)
+
+
 @case("NBD_CMD_BLOCK_STATUS with base:allocation via SET_META_CONTEXT")
 def t_block_status(d):
     setup(d, "r", "4M")

@@ -26,6 +26,8 @@ MiB = 1 << 20
 PLUGINS = os.path.join(BUILD, "examples")
 PATTERN_SO = os.path.join(PLUGINS, "pattern.so")
 INCLUDE = os.path.join(ROOT, "include")
+with open(os.path.join(INCLUDE, "vdbus", "backend.h")) as _h:
+    API = int(re.search(r"#define VDB_BACKEND_API_VERSION (\d+)", _h.read()).group(1))
 EXAMPLE_C = os.path.join(ROOT, "examples", "pattern", "pattern.c")
 
 
@@ -83,7 +85,7 @@ def t_list(d):
     check("Plugin: " + os.path.realpath(PATTERN_SO) in out, "help shows no plugin path: %r" % out)
     check("size=SIZE" in out and "sets size=ARG" in out, "help backend pattern: %r" % out)
     check("Plugin:" not in d.cli_ok("help", "backend", "ram"), "help backend ram names a plugin")
-    check("plugin %s: backend 'pattern' (API version 2)" % os.path.realpath(PATTERN_SO) in d.log(),
+    check("plugin %s: backend 'pattern' (API version %d)" % (os.path.realpath(PATTERN_SO), API) in d.log(),
           "no load line in the daemon log")
 
 
@@ -269,10 +271,10 @@ BAD = {
                 "no entry point vdb_backend_plugin_init()"),
     "api99": (GOOD_BODY + OPS % dict(decl="static const struct vdb_backend_ops ops", api=99,
                                      size="sizeof ops", name="api99", read="t_read")
-              + "VDB_BACKEND_PLUGIN(ops)\n", "API version 99 (this vdbusd supports 1 to 2)"),
+              + "VDB_BACKEND_PLUGIN(ops)\n", "API version 99 (this vdbusd supports 1 to %d)" % API),
     "api0": (GOOD_BODY + OPS % dict(decl="static const struct vdb_backend_ops ops", api=0,
                                     size="sizeof ops", name="api0", read="t_read")
-             + "VDB_BACKEND_PLUGIN(ops)\n", "API version 0 (this vdbusd supports 1 to 2)"),
+             + "VDB_BACKEND_PLUGIN(ops)\n", "API version 0 (this vdbusd supports 1 to %d)" % API),
     "clash": (GOOD_BODY + OPS % dict(decl="static const struct vdb_backend_ops ops", api=1,
                                      size="sizeof ops", name="ram", read="t_read")
               + "VDB_BACKEND_PLUGIN(ops)\n", "backend name 'ram' is taken by the built-in backend"),

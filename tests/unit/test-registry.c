@@ -44,6 +44,12 @@ static void v_small2(struct vdb_backend_ops *o)
   o->api_version = 2;
   o->struct_size = offsetof(struct vdb_backend_ops, flags) + sizeof(uint32_t);
 }
+/* A version 3 table must reach past write_direct. */
+static void v_small3(struct vdb_backend_ops *o)
+{
+  o->api_version = 3;
+  o->struct_size = offsetof(struct vdb_backend_ops, write_direct);
+}
 static void v_small(struct vdb_backend_ops *o) { o->struct_size = offsetof(struct vdb_backend_ops, flags); }
 static void v_huge(struct vdb_backend_ops *o) { o->struct_size = 1u << 20; }
 static void v_noname(struct vdb_backend_ops *o) { o->name = NULL; }
@@ -64,8 +70,9 @@ static void v_ctrl(struct vdb_backend_ops *o) { o->usage = "a\033[2Jb\n"; }
 static void test_rules(void)
 {
   static const struct { void (*change)(struct vdb_backend_ops *); const char *why; } bad[] = {
-    { v_api0, "API version 0" }, { v_api_new, "API version 3" }, { v_small, "is smaller than" },
+    { v_api0, "API version 0" }, { v_api_new, "API version 4" }, { v_small, "is smaller than" },
     { v_small2, "smaller than the API version 2 ops struct" },
+    { v_small3, "smaller than the API version 3 ops struct" },
     { v_huge, "implausible" }, { v_noname, "no name" }, { v_empty, "is empty" },
     { v_upper, "characters other than" }, { v_dash, "starts with '-'" },
     { v_long, "longer than 31" }, { v_nousage, "has no usage" },
@@ -127,7 +134,8 @@ static void test_register(void)
   raw.ops.struct_size = offsetof(struct vdb_backend_ops, flags) + sizeof(uint32_t);
   CHECK(vdb_backend_register(&raw.ops, "/x/short.so", NULL, why, sizeof why) == 0);
   f = vdb_backend_find("short");
-  CHECK(f && f != &raw.ops && f->read == t_read && f->flags == 0 && f->snapshot == NULL);
+  CHECK(f && f != &raw.ops && f->read == t_read && f->flags == 0 && f->snapshot == NULL &&
+        f->write_direct == NULL);
   /* the tail padding (0xff in raw) reads as zero in the copy */
   CHECK(f && ((const uint8_t *)f)[sizeof *f - 1] == 0);
 

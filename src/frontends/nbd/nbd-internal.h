@@ -93,6 +93,8 @@ struct nbd_req {
   struct iovec iov[2];
   int niov;
   bool splice;                  /* iov[1] is the backend's memory: vmsplice it */
+  bool direct;                  /* WRITE: payload goes straight into the disk */
+  uint64_t direct_len;          /* WRITE: bytes of the payload stored that way (a prefix) */
   size_t outlen;                /* bytes in iov */
   struct nbd_req *next;         /* free list or output queue */
 };
@@ -175,6 +177,11 @@ void nbd_conn_post(struct nbd_conn *c, void (*fn)(void *arg), void *arg);
 bool nbd_conn_skip_input(struct nbd_conn *c);
 
 /* transmission.c */
+/* Receive what the socket has of the pending WRITE's payload straight into
+ * the disk (write_direct).  Returns recv's result (bytes, 0 at end of input,
+ * -1 with errno), or -2 if the disk would not take it that way (the caller
+ * receives into the request's buffer instead). */
+ssize_t nbd_tx_recv_direct(struct nbd_conn *c, size_t want);
 /* Parse complete requests in c->rbuf (and continue a pending payload).
  * Called on c's loop. */
 void nbd_tx_process(struct nbd_conn *c);

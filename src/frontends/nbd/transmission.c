@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "common/log.h"
 #include "frontends/nbd/nbd-internal.h"
@@ -305,6 +306,16 @@ static void tx_submit(struct nbd_conn *c, struct nbd_req *r)
   v->offset = r->offset;
   v->len = r->len;
   v->buf = r->buf;
+  if (r->cmd == NBD_CMD_WRITE && r->direct_len) {
+    /* The first direct_len bytes are on the disk already: the rest, or for
+     * a payload all stored that way a (FUA: flush, else empty) request that
+     * orders the reply after the bus's checks. */
+    v->offset += r->direct_len;
+    v->len -= r->direct_len;
+    v->buf = r->buf + r->direct_len;
+    if (v->len == 0 && (r->cflags & NBD_CMD_FLAG_FUA))
+      v->type = VDB_REQ_FLUSH;
+  }
   v->done = tx_done;
   v->opaque = r;
   if (r->cmd == NBD_CMD_READ && r->len >= NBD_SPLICE_MIN && !c->no_splice)
@@ -392,6 +403,8 @@ static void tx_request(struct nbd_conn *c, uint16_t flags, uint16_t cmd, uint64_
   }
   r->cmd = cmd;
   r->cflags = flags;
+  r->direct = cmd == NBD_CMD_WRITE && len >= NBD_SPLICE_MIN;
+  r->direct_len = 0;
   r->cookie = cookie;
   r->offset = offset;
   r->len = len;
@@ -425,6 +438,55 @@ static void tx_request(struct nbd_conn *c, uint16_t flags, uint16_t cmd, uint64_
   tx_submit(c, r);
 }
 
+/* write_direct fillers: from the input buffer, and from the socket. */
+struct fill_mem {
+  const uint8_t *src;
+};
+
+static ssize_t fill_mem(void *dst, size_t len, void *arg)
+{
+  struct fill_mem *f = arg;
+
+  memcpy(dst, f->src, len);
+  return (ssize_t)len;
+}
+
+struct fill_recv {
+  int fd;
+  bool called;
+  ssize_t res;
+  int err;
+};
+
+static ssize_t fill_recv(void *dst, size_t len, void *arg)
+{
+  struct fill_recv *f = arg;
+
+  f->called = true;
+  f->res = recv(f->fd, dst, len, 0);
+  f->err = errno;
+  return f->res < 0 ? 0 : f->res;
+}
+
+ssize_t nbd_tx_recv_direct(struct nbd_conn *c, size_t want)
+{
+  struct nbd_req *r = c->payload_req;
+  struct fill_recv f = { .fd = c->fd };
+
+  if (!r->direct)
+    return -2;
+  vdb_disk_write_direct(c->disk, r->offset + c->payload_got, want, c->payload_got == 0,
+                        fill_recv, &f);
+  if (!f.called) {
+    r->direct = false;   /* paused, refused, not offered: through r->buf */
+    return -2;
+  }
+  if (f.res > 0)
+    r->direct_len += (uint64_t)f.res;
+  errno = f.err;
+  return f.res;
+}
+
 /* Copy what rbuf holds of the pending WRITE's data; submit it when whole.
  * Returns true when the caller can go on parsing. */
 static bool tx_payload(struct nbd_conn *c)
@@ -434,7 +496,17 @@ static bool tx_payload(struct nbd_conn *c)
   uint64_t need = r->len - c->payload_got;
   size_t n = avail < need ? avail : (size_t)need;
 
-  memcpy(r->buf + c->payload_got, c->rbuf + c->rstart, n);
+  if (r->direct && n > 0) {
+    struct fill_mem fm = { c->rbuf + c->rstart };
+    ssize_t k = vdb_disk_write_direct(c->disk, r->offset + c->payload_got, n, c->payload_got == 0,
+                                      fill_mem, &fm);
+    if (k == (ssize_t)n)
+      r->direct_len += n;
+    else
+      r->direct = false;   /* from here on through r->buf */
+  }
+  if (!r->direct)
+    memcpy(r->buf + c->payload_got, c->rbuf + c->rstart, n);
   c->rstart += n;
   c->payload_got += n;
   if (c->payload_got < r->len)
