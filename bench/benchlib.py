@@ -545,6 +545,70 @@ def mem_report(a):
     return 0
 
 
+def stream(a):
+    """One stream of 1 MiB sends, child -> parent, over a Unix socket or TCP
+    loopback; prints GB/s seen by the receiver."""
+    import socket
+    import time
+    n, b = a.gib << 30, 1 << 20
+    if a.kind == "tcp":
+        ls = socket.socket()
+        ls.bind(("127.0.0.1", 0))
+        fam, addr = socket.AF_INET, ls.getsockname()
+    else:
+        addr = os.path.join(a.dir, "stream.sock")
+        if os.path.exists(addr):
+            os.unlink(addr)
+        ls = socket.socket(socket.AF_UNIX)
+        ls.bind(addr)
+        fam = socket.AF_UNIX
+    ls.listen(1)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            s = socket.socket(fam)
+            if a.sndbuf != "default":
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, int(a.sndbuf))
+            s.connect(addr)
+            buf, sent = b"x" * b, 0
+            while sent < n:
+                s.sendall(buf)
+                sent += b
+            s.close()
+        finally:
+            os._exit(0)
+    c, _ = ls.accept()
+    mv = memoryview(bytearray(b))
+    got, t = 0, time.monotonic()
+    while got < n:
+        k = c.recv_into(mv)
+        if not k:
+            break
+        got += k
+    dt = time.monotonic() - t
+    os.waitpid(pid, 0)
+    if got < n:
+        sys.stderr.write("benchlib stream: sender stopped early\n")
+        return 1
+    print(f"{got / dt / 1e9:.2f}")
+    return 0
+
+
+def stream_table(tsv):
+    rows = {}
+    with open(tsv) as f:
+        for line in f:
+            rep, kind, sndbuf, gbs = line.split()
+            rows.setdefault((kind, sndbuf), []).append(float(gbs))
+    print("| transport | send buffer | GB/s |")
+    print("|---|---|---|")
+    for (kind, sndbuf), v in sorted(rows.items()):
+        v.sort()
+        sb = "default" if sndbuf == "default" else f"{int(sndbuf) >> 20} MiB"
+        print(f"| {kind} | {sb} | {statistics.median(v):.2f} ({v[0]:.2f}–{v[-1]:.2f}) |")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -583,6 +647,13 @@ def main():
             x.add_argument("--anon0", type=int, required=True)
     x = sub.add_parser("mem-report")
     x.add_argument("--tsv", required=True)
+    x = sub.add_parser("stream")
+    x.add_argument("--kind", choices=("unix", "tcp"), required=True)
+    x.add_argument("--sndbuf", default="default")
+    x.add_argument("--gib", type=int, default=8)
+    x.add_argument("--dir", default="/tmp")
+    x = sub.add_parser("stream-table")
+    x.add_argument("tsv")
     x = sub.add_parser("rss")
     x.add_argument("--pid", type=int, required=True)
     argv = sys.argv[1:]
@@ -610,6 +681,10 @@ def main():
         return best_report(a)
     if a.cmd == "targets":
         return targets_report(a)
+    if a.cmd == "stream":
+        return stream(a)
+    if a.cmd == "stream-table":
+        return stream_table(a.tsv)
     if a.cmd == "rss":
         print(*proc_rss(a.pid))
         return 0
