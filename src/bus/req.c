@@ -166,13 +166,14 @@ void vdb_disk_submit_flags(struct vdb_disk *d, struct vdb_req *req, unsigned fla
 ssize_t vdb_disk_write_direct(struct vdb_disk *d, uint64_t offset, uint64_t len, bool first,
                               ssize_t (*fill)(void *dst, size_t len, void *arg), void *arg)
 {
+  const struct vdb_backend_ops *ops;
   ssize_t n;
 
-  if (!d->ops->write_direct)
-    return -EOPNOTSUPP;
   atomic_fetch_add(&d->stats.inflight, 1);   /* as in submit: vs vdb_disk_pause */
   if (atomic_load(&d->paused)) {
     n = -EAGAIN;
+  } else if (!(ops = d->ops)->write_direct) {   /* after the pause check, as in submit */
+    n = -EOPNOTSUPP;
   } else if (d->readonly || atomic_load_explicit(&d->dependents, memory_order_acquire) > 0) {
     n = -EPERM;
   } else if (offset > d->size || len > d->size - offset) {
@@ -180,7 +181,7 @@ ssize_t vdb_disk_write_direct(struct vdb_disk *d, uint64_t offset, uint64_t len,
   } else if (len == 0) {
     n = 0;
   } else {
-    n = d->ops->write_direct(d->handle, offset, len, fill, arg);
+    n = ops->write_direct(d->handle, offset, len, fill, arg);
     if (n > 0) {
       if (first)
         atomic_fetch_add_explicit(&d->stats.writes, 1, memory_order_relaxed);
