@@ -337,6 +337,37 @@ static bool file_resident(struct file *f, uint64_t off, uint64_t len)
   return true;
 }
 
+/* On an event loop, a read or write the page cache serves without waiting
+ * (RWF_NOWAIT) is done right here: cheaper than a trip through the ring and
+ * back through epoll.  True when req is complete, or its rest (after a
+ * partial transfer) is on the ring; else *done bytes are done and the caller
+ * does the rest.  *unsupported latches the filesystem's EOPNOTSUPP. */
+static bool file_try_nowait(struct file *f, struct vdb_req *req, _Atomic bool *unsupported,
+                            uint64_t *done)
+{
+  struct iovec iov = { req->buf, req->len };
+  ssize_t n;
+
+  *done = 0;
+  if (!vdb_loop_current() || atomic_load_explicit(unsupported, memory_order_relaxed))
+    return false;
+  if (req->type == VDB_REQ_READ)
+    n = preadv2(f->fd, &iov, 1, (off_t)req->offset, RWF_NOWAIT);
+  else
+    n = pwritev2(f->fd, &iov, 1, (off_t)req->offset, RWF_NOWAIT);
+  if (n == (ssize_t)req->len) {
+    vdb_req_complete(req, 0);
+    return true;
+  }
+  if (n < 0) {
+    if (errno == EOPNOTSUPP)
+      atomic_store_explicit(unsupported, true, memory_order_relaxed);
+    return false;
+  }
+  *done = (uint64_t)n;
+  return n > 0 && file_aio_start_at(f, req, *done);
+}
+
 static void file_read(void *handle, struct vdb_req *req)
 {
   struct file *f = handle;
@@ -348,22 +379,7 @@ static void file_read(void *handle, struct vdb_req *req)
     vdb_req_complete(req, 0);
     return;
   }
-  /* On an event loop, data already in the page cache is copied right away
-   * (preadv2 RWF_NOWAIT): cheaper than a trip through the ring and back
-   * through epoll.  Anything else goes to io_uring. */
-  if (vdb_loop_current() && !atomic_load_explicit(&f->no_nowait, memory_order_relaxed)) {
-    struct iovec iov = { buf, req->len };
-    ssize_t n = preadv2(f->fd, &iov, 1, (off_t)req->offset, RWF_NOWAIT);
-    if (n == (ssize_t)req->len) {
-      vdb_req_complete(req, 0);
-      return;
-    }
-    if (n < 0 && errno == EOPNOTSUPP)
-      atomic_store_explicit(&f->no_nowait, true, memory_order_relaxed);
-    if (n > 0 && file_aio_start_at(f, req, (uint64_t)n))
-      return;
-  }
-  if (file_aio_start(f, req))
+  if (file_try_nowait(f, req, &f->no_nowait, &done) || (done == 0 && file_aio_start(f, req)))
     return;
   while (done < req->len) {
     ssize_t n = pread(f->fd, buf + done, req->len - done, (off_t)(req->offset + done));
@@ -402,30 +418,15 @@ static void file_write(void *handle, struct vdb_req *req)
 {
   struct file *f = handle;
   int flags = (req->flags & VDB_REQ_FUA) ? RWF_DSYNC : 0;
+  uint64_t done = 0;
 
-  /* As for reads: a write the page cache takes without waiting (no FUA,
-   * no dirty throttling, no block allocation that must sleep) is done right
-   * here; the rest goes to io_uring. */
-  if (!flags && vdb_loop_current() && !atomic_load_explicit(&f->no_nowait_w, memory_order_relaxed)) {
-    struct iovec iov = { req->buf, req->len };
-    ssize_t n = pwritev2(f->fd, &iov, 1, (off_t)req->offset, RWF_NOWAIT);
-    if (n == (ssize_t)req->len) {
-      vdb_req_complete(req, 0);
-      return;
-    }
-    if (n < 0 && errno == EOPNOTSUPP)
-      atomic_store_explicit(&f->no_nowait_w, true, memory_order_relaxed);
-    if (n > 0 && file_aio_start_at(f, req, (uint64_t)n))
-      return;   /* the rest would have waited: through the ring */
-    if (n > 0) {
-      vdb_req_complete(req, file_pwrite_all(f, (uint8_t *)req->buf + n, req->len - (uint64_t)n,
-                                            req->offset + (uint64_t)n, 0));
-      return;
-    }
-  }
-  if (file_aio_start(handle, req))
+  /* Not FUA: a write the page cache takes without waiting (no dirty
+   * throttling, no block allocation that must sleep). */
+  if ((!flags && file_try_nowait(f, req, &f->no_nowait_w, &done)) ||
+      (done == 0 && file_aio_start(f, req)))
     return;
-  vdb_req_complete(req, file_pwrite_all(handle, req->buf, req->len, req->offset, flags));
+  vdb_req_complete(req, file_pwrite_all(f, (uint8_t *)req->buf + done, req->len - done,
+                                        req->offset + done, flags));
 }
 
 static void file_flush(void *handle, struct vdb_req *req)

@@ -335,12 +335,40 @@ static void lf_op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
   lf_submit(c, req, VDB_REQ_READ, (uint64_t)off, size, VDB_REQ_MAP);
 }
 
+/* A large write whose data sits in the receive buffer: that buffer becomes
+ * the request's and the context's pool buffer (as large) receives next, so
+ * the data is not copied on the way to the backend.  Returns the context
+ * that now owns the receive buffer, or NULL (copy the data instead). */
+static struct lf_ctx *lf_take_receive_buf(struct loop_fe *lf, const struct fuse_bufvec *bufv,
+                                          size_t len)
+{
+  const uint8_t *data = bufv->buf[0].mem, *rb = lf->fbuf.mem;
+  struct lf_ctx *c;
+  void *buf;
+  size_t cap;
+
+  if (len < LF_SWAP_MIN || bufv->count != 1 || (bufv->buf[0].flags & FUSE_BUF_IS_FD) || !rb)
+    return NULL;
+  if (!lf->fbuf_cap)
+    lf->fbuf_cap = malloc_usable_size(lf->fbuf.mem);   /* libfuse's own allocation */
+  if (data < rb || data + len > rb + lf->fbuf_cap || !(c = lf_ctx_get(lf, lf->fbuf_cap)))
+    return NULL;
+  buf = c->buf;
+  cap = c->cap;
+  c->buf = lf->fbuf.mem;
+  c->cap = lf->fbuf_cap;
+  lf->fbuf.mem = buf;
+  lf->fbuf_cap = cap;
+  return c;
+}
+
 static void lf_op_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv,
                             off_t off, struct fuse_file_info *fi)
 {
   struct loop_fe *lf = fuse_req_userdata(req);
   size_t len = fuse_buf_size(bufv);
   struct fuse_bufvec dst = FUSE_BUFVEC_INIT(len);
+  uint32_t flags = (fi && (fi->flags & (O_SYNC | O_DSYNC))) ? VDB_REQ_FUA : 0;
   struct lf_ctx *c;
   ssize_t n;
 
@@ -348,22 +376,8 @@ static void lf_op_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *
     fuse_reply_err(req, EINVAL);
     return;
   }
-  /* A large write whose data sits in the receive buffer: that buffer
-   * becomes the request's and a pool buffer (as large) receives next, so
-   * the data is not copied on the way to the backend. */
-  if (len >= LF_SWAP_MIN && bufv->count == 1 && !(bufv->buf[0].flags & FUSE_BUF_IS_FD) &&
-      lf->fbuf.mem && (lf->fbuf_cap || (lf->fbuf_cap = malloc_usable_size(lf->fbuf.mem))) &&
-      (uint8_t *)bufv->buf[0].mem >= (uint8_t *)lf->fbuf.mem &&
-      (uint8_t *)bufv->buf[0].mem + len <= (uint8_t *)lf->fbuf.mem + lf->fbuf_cap &&
-      (c = lf_ctx_get(lf, lf->fbuf_cap))) {
-    void *mine = c->buf;
-    size_t mycap = c->cap;
-    c->buf = lf->fbuf.mem;
-    c->cap = lf->fbuf_cap;
-    lf->fbuf.mem = mine;
-    lf->fbuf_cap = mycap;
-    lf_submit_data(c, req, VDB_REQ_WRITE, (uint64_t)off, len,
-                   (fi && (fi->flags & (O_SYNC | O_DSYNC))) ? VDB_REQ_FUA : 0, bufv->buf[0].mem);
+  if ((c = lf_take_receive_buf(lf, bufv, len))) {
+    lf_submit_data(c, req, VDB_REQ_WRITE, (uint64_t)off, len, flags, bufv->buf[0].mem);
     return;
   }
   c = lf_ctx_get(lf, len);
@@ -378,8 +392,7 @@ static void lf_op_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *
     lf_ctx_put(c);
     return;
   }
-  lf_submit(c, req, VDB_REQ_WRITE, (uint64_t)off, len,
-            (fi && (fi->flags & (O_SYNC | O_DSYNC))) ? VDB_REQ_FUA : 0);
+  lf_submit(c, req, VDB_REQ_WRITE, (uint64_t)off, len, flags);
 }
 
 static void lf_op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync,

@@ -106,7 +106,7 @@ struct nbd_conn {
   struct vdb_loop *loop;
   struct vdb_watch watch;
   uint32_t events;              /* currently watched */
-  struct vdb_timer hs_timer;    /* handshake deadline */
+  struct vdb_timer deadline;    /* handshake deadline, then the closing drain deadline */
   _Atomic int refs;             /* the loop's, plus one per posted call */
   enum nbd_conn_state state;
   char peer[80];

@@ -265,14 +265,9 @@ static int send_outq(struct nbd_conn *c)
     /* Everything up to the next spliced payload (the head's header
      * included once its payload is primed), in one sendmsg. */
     for (struct nbd_req *r = c->outq; r && n + 2 <= MAXIOV; r = r->next) {
-      bool stop = false;
       if (r->splice && r != c->outq)
         break;
-      for (int i = 0; i < r->niov; i++) {
-        if (r->splice && i == 1) {
-          stop = true;
-          break;
-        }
+      for (int i = 0; i < (r->splice ? 1 : r->niov); i++) {   /* a spliced payload: the pipe */
         if (skip >= r->iov[i].iov_len) {
           skip -= r->iov[i].iov_len;
           continue;
@@ -282,7 +277,7 @@ static int send_outq(struct nbd_conn *c)
         skip = 0;
         n++;
       }
-      if (stop)
+      if (r->splice)
         break;
     }
     struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)n };
@@ -355,12 +350,12 @@ static void conn_mark_closing(struct nbd_conn *c)
   if (c->state == NBD_CONN_CLOSING || c->state == NBD_CONN_DEAD)
     return;
   c->state = NBD_CONN_CLOSING;
-  vdb_timer_stop(c->loop, &c->hs_timer);
+  vdb_timer_stop(c->loop, &c->deadline);
   /* A client that stops reading must not keep the connection (and its
    * disk: unplug waits for it) forever: it gets NBD_DRAIN_MS to take the
    * replies that are left. */
-  c->hs_timer.cb = drain_timeout;
-  vdb_timer_start(c->loop, &c->hs_timer, NBD_DRAIN_MS);
+  c->deadline.cb = drain_timeout;
+  vdb_timer_start(c->loop, &c->deadline, NBD_DRAIN_MS);
   if (c->payload_req) {
     nbd_tx_release(c, c->payload_req);
     c->payload_req = NULL;
@@ -414,7 +409,7 @@ static void conn_destroy(struct nbd_conn *c)
   if (c->state == NBD_CONN_DEAD)
     return;
   c->state = NBD_CONN_DEAD;
-  vdb_timer_stop(c->loop, &c->hs_timer);
+  vdb_timer_stop(c->loop, &c->deadline);
   vdb_loop_unwatch(c->loop, &c->watch);
   conn_drop_output(c);
   pipe_close(c);
@@ -493,7 +488,7 @@ void nbd_conn_enter_transmission(struct nbd_conn *c)
     return;
   }
   c->user_added = true;
-  vdb_timer_stop(c->loop, &c->hs_timer);
+  vdb_timer_stop(c->loop, &c->deadline);
   c->state = NBD_CONN_TRANSMISSION;
   vdb_dbg(VDB_DBG_NBD, "%s: export %s, %s replies", c->peer, c->disk->name,
           c->hs.extended ? "extended" : c->hs.structured ? "structured" : "simple");
@@ -661,8 +656,8 @@ static int conn_watch(struct nbd_conn *c)
   c->events = EPOLLIN;
   c->watch.cb = conn_on_event;
   c->watch.arg = c;
-  c->hs_timer.cb = hs_timeout;
-  c->hs_timer.arg = c;
+  c->deadline.cb = hs_timeout;
+  c->deadline.arg = c;
   if (vdb_loop_watch(c->loop, &c->watch) == 0)
     return 0;
   vdb_warn("%s: cannot watch connection", c->peer);
@@ -682,7 +677,7 @@ static void conn_start(void *arg)
   if (conn_watch(c) < 0)
     return;
   if (vdb_nbd_settings.handshake_timeout_ms)
-    vdb_timer_start(c->loop, &c->hs_timer, vdb_nbd_settings.handshake_timeout_ms);
+    vdb_timer_start(c->loop, &c->deadline, vdb_nbd_settings.handshake_timeout_ms);
   nbd_conn_flush(c);
 }
 

@@ -438,16 +438,10 @@ static void tx_request(struct nbd_conn *c, uint16_t flags, uint16_t cmd, uint64_
   tx_submit(c, r);
 }
 
-/* write_direct fillers: from the input buffer, and from the socket. */
-struct fill_mem {
-  const uint8_t *src;
-};
-
+/* write_direct fillers: from the input buffer (arg), and from the socket. */
 static ssize_t fill_mem(void *dst, size_t len, void *arg)
 {
-  struct fill_mem *f = arg;
-
-  memcpy(dst, f->src, len);
+  memcpy(dst, arg, len);
   return (ssize_t)len;
 }
 
@@ -497,9 +491,8 @@ static bool tx_payload(struct nbd_conn *c)
   size_t n = avail < need ? avail : (size_t)need;
 
   if (r->direct && n > 0) {
-    struct fill_mem fm = { c->rbuf + c->rstart };
     ssize_t k = vdb_disk_write_direct(c->disk, r->offset + c->payload_got, n, c->payload_got == 0,
-                                      fill_mem, &fm);
+                                      fill_mem, c->rbuf + c->rstart);
     if (k == (ssize_t)n)
       r->direct_len += n;
     else
