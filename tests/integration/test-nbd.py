@@ -317,16 +317,23 @@ def t_file_disk(d):
     r.shutdown()
 
 
-@case("file disk: large reads come from the page cache (spliced) or from the file, "
-      "and stay right after writes, cache drops and a truncation behind vdbus's back")
+@case("file disk: reads come from the page cache (mapped: spliced over Unix, copied "
+      "over TCP) or from the file, and stay right after writes, cache drops and a "
+      "truncation behind vdbus's back")
 def t_file_large_reads(d):
-    path = plug_file(d, "fl", "48M")
+    for name, tcp in [("fl", False), ("flt", True)]:
+        file_reads(d, name, tcp)
+
+
+def file_reads(d, name, tcp):
+    path = plug_file(d, name, "48M")
     data = bytearray(pattern(11, 48 * MiB))
-    h = d.nbd("fl")
+    h = d.nbd(name, tcp=tcp)
     for off in range(0, 48 * MiB, 4 * MiB):
         h.pwrite(bytes(data[off:off + 4 * MiB]), off)
     h.flush()
-    reqs = [(0, MiB), (123, 65536), (5 * MiB + 7, 3 * MiB), (0, 32 * MiB), (48 * MiB - 70000, 70000)]
+    reqs = [(0, MiB), (123, 65536), (5 * MiB + 7, 3 * MiB), (0, 32 * MiB), (48 * MiB - 70000, 70000),
+            (3 * 4096 + 5, 4096), (48 * MiB - 1, 1), (4096, 65535)]
     for off, ln in reqs:
         eq(h.pread(ln, off) == bytes(data[off:off + ln]), True, "cached read of %d at %d" % (ln, off))
     # Rewrite part of it: a read after the write's reply sees the new data.
@@ -355,7 +362,7 @@ def t_file_large_reads(d):
             eq(got[keep:] == bytes(ln - keep), True, "zeroes past the truncation")
     eq(h.pread(MiB, 0) == bytes(data[:MiB]), True, "the start is intact")
     h.shutdown()
-    h2 = d.nbd("fl")
+    h2 = d.nbd(name, tcp=tcp)
     eq(h2.pread(4096, 0), bytes(data[:4096]), "a new client is served")
     h2.shutdown()
 

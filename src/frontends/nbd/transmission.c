@@ -318,8 +318,10 @@ static void tx_submit(struct nbd_conn *c, struct nbd_req *r)
   }
   v->done = tx_done;
   v->opaque = r;
-  if (r->cmd == NBD_CMD_READ && r->len >= NBD_SPLICE_MIN && !c->no_splice)
-    v->flags |= VDB_REQ_MAP;    /* spliced from the backend's memory; we hold the disk */
+  /* Replies are sent (spliced, or copied by sendmsg) from the backend's
+   * memory, which stays put while we hold the disk: one copy fewer. */
+  if (r->cmd == NBD_CMD_READ)
+    v->flags |= VDB_REQ_MAP;
   if (r->cflags & NBD_CMD_FLAG_FUA)
     v->flags |= VDB_REQ_FUA;
   if (r->cflags & NBD_CMD_FLAG_NO_HOLE)
