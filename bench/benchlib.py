@@ -609,6 +609,33 @@ def stream_table(tsv):
     return 0
 
 
+SYSCOST_DESC = {
+    "syscall": "a bare system call (getppid)",
+    "epoll-ready": "epoll_wait() returning at once",
+    "recv-28": "recv() of one 28-byte request header",
+    "send-4k": "send() of a 4 KiB read reply, receiver not waiting",
+    "send-4k-wake-5us": "the same, receiver asleep in epoll_wait on the other CPU, 5 µs between sends",
+    "wake-5us": "of which waking the receiver",
+    "send-4k-wake-50us": "the same, 50 µs between sends",
+    "wake-50us": "of which waking the receiver",
+}
+
+
+def syscost_table(tsv):
+    rows = {}
+    with open(tsv) as f:
+        for line in f:
+            rep, name, ns = line.split()
+            rows.setdefault(name, []).append(float(ns))
+    print("| cost | what | ns |")
+    print("|---|---|---|")
+    for name, v in rows.items():
+        v.sort()
+        print(f"| {name} | {SYSCOST_DESC.get(name, '')} | "
+              f"{statistics.median(v):.0f} ({v[0]:.0f}–{v[-1]:.0f}) |")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -654,6 +681,8 @@ def main():
     x.add_argument("--dir", default="/tmp")
     x = sub.add_parser("stream-table")
     x.add_argument("tsv")
+    x = sub.add_parser("syscost-table")
+    x.add_argument("tsv")
     x = sub.add_parser("rss")
     x.add_argument("--pid", type=int, required=True)
     argv = sys.argv[1:]
@@ -683,6 +712,8 @@ def main():
         return targets_report(a)
     if a.cmd == "stream":
         return stream(a)
+    if a.cmd == "syscost-table":
+        return syscost_table(a.tsv)
     if a.cmd == "stream-table":
         return stream_table(a.tsv)
     if a.cmd == "rss":
