@@ -577,14 +577,24 @@ def stream(a):
             s.close()
         finally:
             os._exit(0)
+    # The receiver's memory: one reused 1 MiB buffer (hot in the cache), or
+    # --sink-gib of touched memory written front to back, as a RAM disk's
+    # pages are by 1 MiB writes (cold: far larger than the caches).
+    size = (a.sink_gib << 30) if a.sink_gib else b
+    region = bytearray(size)
+    for i in range(0, size, 4096):
+        region[i] = 1                    # touch every page before the clock starts
+    mv = memoryview(region)
     c, _ = ls.accept()
-    mv = memoryview(bytearray(b))
-    got, t = 0, time.monotonic()
+    got, off, t = 0, 0, time.monotonic()
     while got < n:
-        k = c.recv_into(mv)
+        if off + b > size:
+            off = 0
+        k = c.recv_into(mv[off:off + b])
         if not k:
             break
         got += k
+        off = (off + k) if a.sink_gib else 0
     dt = time.monotonic() - t
     os.waitpid(pid, 0)
     if got < n:
@@ -598,14 +608,15 @@ def stream_table(tsv):
     rows = {}
     with open(tsv) as f:
         for line in f:
-            rep, kind, sndbuf, gbs = line.split()
-            rows.setdefault((kind, sndbuf), []).append(float(gbs))
-    print("| transport | send buffer | GB/s |")
-    print("|---|---|---|")
-    for (kind, sndbuf), v in sorted(rows.items()):
+            rep, kind, sndbuf, gbs, *sink = line.split()
+            rows.setdefault((kind, sndbuf, int(sink[0]) if sink else 0), []).append(float(gbs))
+    print("| transport | send buffer | receiver writes into | GB/s |")
+    print("|---|---|---|---|")
+    for (kind, sndbuf, sink), v in sorted(rows.items()):
         v.sort()
         sb = "default" if sndbuf == "default" else f"{int(sndbuf) >> 20} MiB"
-        print(f"| {kind} | {sb} | {statistics.median(v):.2f} ({v[0]:.2f}–{v[-1]:.2f}) |")
+        into = f"{sink} GiB of memory, front to back" if sink else "one 1 MiB buffer"
+        print(f"| {kind} | {sb} | {into} | {statistics.median(v):.2f} ({v[0]:.2f}–{v[-1]:.2f}) |")
     return 0
 
 
@@ -679,6 +690,8 @@ def main():
     x.add_argument("--sndbuf", default="default")
     x.add_argument("--gib", type=int, default=8)
     x.add_argument("--dir", default="/tmp")
+    x.add_argument("--sink-gib", type=int, default=0,
+                   help="receive into this many GiB of touched memory, front to back")
     x = sub.add_parser("stream-table")
     x.add_argument("tsv")
     x = sub.add_parser("syscost-table")
