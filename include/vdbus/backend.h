@@ -102,10 +102,11 @@ enum vdb_req_type {
  * later writes, trims and zeroings of the disk (a RAM disk's pages, a
  * file's page cache through a shared mapping).  The submitter holds a
  * reference to the disk for as long as it uses that memory, and only hands
- * it to the kernel (vmsplice), never touches it itself: a file truncated
- * behind the backend's back makes it unreadable (EFAULT), not a crash.
- * Concurrent writes to the range may then show in the data, as they may for
- * any read that overlaps them.  The NBD server asks for it on large reads. */
+ * it to the kernel (vmsplice, sendmsg, a FUSE reply), never touches it
+ * itself: a file truncated behind the backend's back makes it unreadable
+ * (EFAULT), not a crash.  Concurrent writes to the range may then show in
+ * the data, as they may for any read that overlaps them.  The NBD server
+ * and the loop frontend ask for it on every read. */
 #define VDB_REQ_MAP       (1u << 4)
 
 /* Extent flags: the same bits as NBD's base:allocation context. */

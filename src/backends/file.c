@@ -181,8 +181,8 @@ static int file_open(const struct vdb_params *params, void **handle, struct vdb_
   /* A read-only shared mapping of the file: a READ with VDB_REQ_MAP whose
    * pages are all in the page cache is answered with a pointer into it (the
    * NBD server splices those pages into the socket).  Optional: without it
-   * every read goes through io_uring. */
-  if (f->size > 0) {
+   * every read goes through io_uring (and file_resident counts 4 KiB pages). */
+  if (f->size > 0 && sysconf(_SC_PAGESIZE) == 4096) {
     void *m = mmap(NULL, f->size, PROT_READ, MAP_SHARED, f->fd, 0);
     if (m != MAP_FAILED) {
       f->map = m;
@@ -286,16 +286,9 @@ static void file_aio_cb(struct vdb_uring_op *op, int res)
     vdb_req_complete(req, -EAGAIN);
 }
 
-/* Start req on the loop's ring: true if it is on its way, false if it must
- * be done synchronously (not on a loop thread, or too large for one SQE). */
-static bool file_aio_start_at(struct file *f, struct vdb_req *req, uint64_t done);
-
-static bool file_aio_start(struct file *f, struct vdb_req *req)
-{
-  return file_aio_start_at(f, req, 0);
-}
-
-/* The same, for the rest of a request whose first done bytes are done. */
+/* Start the rest of req, whose first done bytes are done, on the loop's
+ * ring: true if it is on its way, false if it must be done synchronously
+ * (not on a loop thread, or too large for one SQE). */
 static bool file_aio_start_at(struct file *f, struct vdb_req *req, uint64_t done)
 {
   struct file_aio *a = (struct file_aio *)req->backend_priv;
@@ -307,6 +300,11 @@ static bool file_aio_start_at(struct file *f, struct vdb_req *req, uint64_t done
   a->req = req;
   a->done = done;
   return file_aio_queue(a);
+}
+
+static bool file_aio_start(struct file *f, struct vdb_req *req)
+{
+  return file_aio_start_at(f, req, 0);
 }
 
 /* ---- the data path ---- */
@@ -321,8 +319,7 @@ static bool file_resident(struct file *f, uint64_t off, uint64_t len)
   unsigned char mc[CHUNK];
   uint64_t a = off / pg * pg, b = off + len;
 
-  if (!f->map || (b - a) / pg > FILE_MAP_MAX_PAGES || b > f->map_size ||
-      sysconf(_SC_PAGESIZE) != (long)pg)
+  if (!f->map || (b - a) / pg > FILE_MAP_MAX_PAGES || b > f->map_size)
     return false;
   while (a < b) {
     uint64_t l = b - a < CHUNK * pg ? b - a : CHUNK * pg;

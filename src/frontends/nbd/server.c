@@ -121,9 +121,6 @@ static int send_hsout(struct nbd_conn *c)
     if (n < 0) {
       if (errno == EINTR)
         continue;
-      if (errno == EFAULT)  /* a mapped file truncated between check and send */
-        vdb_warn("NBD %s: a read's memory became unreadable while it was sent: closing",
-                 c->peer);
       return errno == EAGAIN ? 0 : -errno;
     }
     c->hsout.off += (size_t)n;
