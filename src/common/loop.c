@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -32,6 +33,7 @@ struct vdb_loop {
   unsigned ring_inflight;          /* SQEs handed out and not yet reaped */
   struct epoll_event *batch;       /* events being dispatched (vdb_loop_run) */
   int batch_n;
+  unsigned nap_us;                 /* pause asked for this round (vdb_loop_nap) */
 };
 
 #define LOOP_RING_ENTRIES 256
@@ -348,11 +350,33 @@ static void loop_ring_exit(struct vdb_loop *loop)
   loop->ring = NULL;
 }
 
+void vdb_loop_nap(struct vdb_loop *loop, unsigned us)
+{
+  if (us > loop->nap_us)
+    loop->nap_us = us;
+}
+
+/* Take the pause asked for this round, if any. */
+static void loop_nap(struct vdb_loop *loop)
+{
+  struct timespec ts = { .tv_sec = loop->nap_us / 1000000,
+                         .tv_nsec = (long)(loop->nap_us % 1000000) * 1000 };
+
+  if (loop->nap_us == 0)
+    return;
+  loop->nap_us = 0;
+  while (!loop->stop && clock_nanosleep(CLOCK_MONOTONIC, 0, &ts, &ts) == EINTR)
+    ;
+}
+
 int vdb_loop_run(struct vdb_loop *loop)
 {
   struct epoll_event evs[64];
 
   current_loop = loop;
+  /* The pauses of vdb_loop_nap are tens of microseconds: the default timer
+   * slack (50 us) would stretch each one to several times its length. */
+  prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
   while (!loop->stop) {
     int n;
 
@@ -374,6 +398,7 @@ int vdb_loop_run(struct vdb_loop *loop)
     }
     loop->batch_n = 0;
     loop_fire_timers(loop);
+    loop_nap(loop);
   }
   loop_run_calls(loop);
   loop->stop = false;

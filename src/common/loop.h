@@ -46,6 +46,12 @@ void vdb_timer_stop(struct vdb_loop *loop, struct vdb_timer *t);
  * Calls posted before vdb_loop_stop() are all run before vdb_loop_run returns. */
 int vdb_loop_post(struct vdb_loop *loop, void (*fn)(void *arg), void *arg);
 
+/* Coalescing: ask loop to pause for us microseconds once this round of
+ * events is handled, before it waits for the next, so that what a busy peer
+ * sends meanwhile is handled in one wake-up (the longest request of the
+ * round wins).  A pause delays every watch of the loop by at most us. */
+void vdb_loop_nap(struct vdb_loop *loop, unsigned us);
+
 /* Run until vdb_loop_stop().  Returns 0 or -errno. */
 int vdb_loop_run(struct vdb_loop *loop);
 void vdb_loop_stop(struct vdb_loop *loop); /* any thread */

@@ -13,8 +13,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vdbtest import nbd_errno, pattern  # noqa: E402
-from vdbtest import (Daemon, Skip, case, check, eq, fail, main, run, run_ok, have, wait_for,  # noqa: E402
-                     sha256_file)
+from vdbtest import (VDBUSD, Daemon, Skip, case, check, eq, fail, main, run, run_ok, have,  # noqa: E402
+                     wait_for, sha256_file)
 import nbd  # noqa: E402  (python3-libnbd; run with /usr/bin/python3)
 
 MiB = 1 << 20
@@ -287,6 +287,68 @@ def t_fio(d):
     fio_verify(d, d.uri("r"), "ram-unix")
     fio_verify(d, "nbd://127.0.0.1:%d/r" % d.port, "ram-tcp")
     fio_verify(d, d.uri("f"), "file-unix")
+
+
+def pause_decisions(d):
+    """The coalescing trial's decisions in the daemon log (-D nbd)."""
+    return [ln for ln in d.log().splitlines() if "with pauses" in ln]
+
+
+@case("coalescing (--coalesce-us): each client's pause trial is decided and logged; a QD1 "
+      "client is never paused; fio verify and qemu-img convert -W while pausing", timeout=300,
+      extra=["--coalesce-us", "200", "-D", "nbd"])
+def t_coalesce(d):
+    d.plug("ram", "--size", "32M", "--name", "p", "--attach", "none")
+    # One request at a time: a 200 us pause after each would cut the rate
+    # to at most 5k/s, so the trial must refuse it (or find the client too
+    # slow for pauses to matter) -- either way "not pausing".
+    h = d.nbd("p")
+    h.pwrite(pattern(7, MiB), 0)
+    n, t0 = 0, time.time()
+    while time.time() - t0 < 1.5:
+        eq(h.pread(4096, (n % 256) * 4096), pattern(7, MiB)[(n % 256) * 4096:][:4096],
+           "QD1 read %d" % n)
+        n += 1
+    h.shutdown()
+    first = pause_decisions(d)
+    check(first, "no pause trial decision logged after %d QD1 requests in 1.5 s" % n)
+    check(all(ln.endswith(": not pausing") for ln in first),
+          "a QD1 client was paused:\n  " + "\n  ".join(first))
+    # Many requests in flight for 3 s: the trial runs (and may pause); the
+    # data stays right whichever it decides.
+    if not have("fio"):
+        raise Skip("fio not installed")
+    for uri in [d.uri("p"), "nbd://127.0.0.1:%d/p" % d.port]:
+        rc, out, err = fio(["--name=busy", "--ioengine=nbd", "--uri=" + uri, "--rw=randrw",
+                            "--bs=4k", "--iodepth=32", "--size=32M", "--time_based",
+                            "--runtime=3"])
+        if rc != 0:
+            fail("fio %s: exit %d\n%s\n%s" % (uri, rc, out[-3000:], err[-3000:]))
+    later = pause_decisions(d)[len(first):]
+    check(later, "no pause trial decision logged for 6 s of QD32 fio")
+    for ln in later:
+        check(ln.endswith(": pausing") or ln.endswith(": not pausing"), "decision line %r" % ln)
+    fio_verify(d, d.uri("p"), "coalesce-unix")
+    fio_verify(d, "nbd://127.0.0.1:%d/p" % d.port, "coalesce-tcp")
+    src = os.path.join(d.data_dir, "src.img")
+    random_file(src, 8 * MiB)
+    run_ok(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", "-W", "-m", "16", src,
+            d.uri("p")])
+    h = d.nbd("p")
+    with open(src, "rb") as f:
+        eq(hashlib.sha256(h.pread(8 * MiB, 0)).hexdigest(), hashlib.sha256(f.read()).hexdigest(),
+           "8 MiB written by qemu-img convert -W -m 16, read back")
+    h.shutdown()
+
+
+@case("vdbusd --coalesce-us: values outside 0-1000 are usage errors", daemon=False)
+def t_coalesce_usage():
+    for bad in ["-1", "1001", "abc", "", "20us"]:
+        rc, out, err = run([VDBUSD, "--coalesce-us", bad, "--run-dir", "/nonexistent/x",
+                            "--state-dir", "/nonexistent/y", "-f"])
+        eq(rc, 2, "exit status of vdbusd --coalesce-us %r" % bad)
+        check("--coalesce-us takes microseconds from 0 to 1000" in err,
+              "error text for --coalesce-us %r: %r" % (bad, err))
 
 
 @case("file disk: data written over NBD is in the file; FUA and flush")

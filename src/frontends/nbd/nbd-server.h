@@ -12,6 +12,7 @@
 struct vdb_nbd_settings {
   unsigned handshake_timeout_ms;   /* default 10000 */
   unsigned max_connections;        /* default 256 */
+  unsigned coalesce_us;            /* pause for a busy client, 0 = never (default NBD_COALESCE_US) */
 };
 extern struct vdb_nbd_settings vdb_nbd_settings;
 

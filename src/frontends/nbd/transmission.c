@@ -403,6 +403,7 @@ static void tx_request(struct nbd_conn *c, uint16_t flags, uint16_t cmd, uint64_
     nbd_conn_kill(c);
     return;
   }
+  c->rx_reqs++;
   r->cmd = cmd;
   r->cflags = flags;
   r->direct = cmd == NBD_CMD_WRITE && len >= NBD_SPLICE_MIN;
