@@ -303,11 +303,12 @@ def t_coalesce(d):
     # to at most 5k/s, so the trial must refuse it (or find the client too
     # slow for pauses to matter) -- either way "not pausing".
     h = d.nbd("p")
-    h.pwrite(pattern(7, MiB), 0)
+    data = pattern(7, MiB)
+    h.pwrite(data, 0)
     n, t0 = 0, time.time()
     while time.time() - t0 < 1.5:
-        eq(h.pread(4096, (n % 256) * 4096), pattern(7, MiB)[(n % 256) * 4096:][:4096],
-           "QD1 read %d" % n)
+        off = (n % 256) * 4096
+        eq(h.pread(4096, off), data[off:off + 4096], "QD1 read %d" % n)
         n += 1
     h.shutdown()
     first = pause_decisions(d)
