@@ -111,6 +111,25 @@ int main(void)
   CHECK(io(VDB_REQ_WRITE_ZEROES, 0, 0, 4096, NULL) == 0);
   CHECK(status(0, 8192, e, 16, &n) == 0 && n == 1);
 
+  /* Writes of 4 KiB and more take the streaming copy: every alignment of
+   * the disk offset and of the source, odd lengths, neighbours untouched. */
+  for (unsigned i = 0; i < sizeof buf; i++)
+    buf[i] = (uint8_t)(i * 7 + i / 251);
+  for (uint64_t doff = 0; doff < 20; doff += 3) {
+    for (unsigned soff = 0; soff < 20; soff += 5) {
+      uint64_t len = 4096 + doff * 13 + soff;
+      uint64_t at = (1u << 20) + doff;
+      CHECK(io(VDB_REQ_WRITE_ZEROES, VDB_REQ_NO_HOLE, 1u << 20, 16384, NULL) == 0);
+      CHECK(io(VDB_REQ_WRITE, 0, at, len, buf + soff) == 0);
+      CHECK(io(VDB_REQ_READ, 0, 1u << 20, 16384, rbuf) == 0);
+      CHECK(all_zero(rbuf, doff) && memcmp(rbuf + doff, buf + soff, len) == 0 &&
+            all_zero(rbuf + doff + len, 16384 - doff - len));
+    }
+  }
+  CHECK(io(VDB_REQ_WRITE, 0, 1u << 20, 60000, buf) == 0);
+  CHECK(io(VDB_REQ_READ, 0, 1u << 20, 60000, rbuf) == 0 && memcmp(rbuf, buf, 60000) == 0);
+  memset(buf, 0xab, sizeof buf);
+
   /* The last, partial byte of the disk. */
   CHECK(io(VDB_REQ_WRITE, 0, disk->size - 1, 1, buf) == 0);
   CHECK(io(VDB_REQ_READ, 0, disk->size - 1, 1, rbuf) == 0 && rbuf[0] == 0xab);
