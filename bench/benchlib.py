@@ -32,6 +32,7 @@
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -434,6 +435,81 @@ def targets_report(a):
     return 0
 
 
+def mib_s(gbs):
+    return gbs * 1e9 / (1 << 20)
+
+
+def limits_report(a):
+    """Markdown: each missed target of bench/run against the limits this run
+    measured without vdbus: for one-job rows the rate of fio's one thread at
+    100% of a core (client_ceiling); for 1 MiB rows the best bare stream of
+    that transport (bench/stream, GB/s) and, for the CPU targets, the CPU a
+    bare stream's sender (reads) or receiver (writes) spends per MiB."""
+    rows = read_tsv(a.tsv)
+    st = read_stream(a.stream) if a.stream and os.path.exists(a.stream) else {}
+    fw = read_filewrite(a.stream[:-4] + "-filewrite.tsv") if a.stream else {}
+    out = ["| target | transport | workload | measure | vdbus | need | limit measured in this run | beyond it |",
+           "|---|---|---|---|---|---|---|---|"]
+    shown = beyond_n = 0
+    for g in TARGETS["run"]:
+        name = g["label"].split(":")[0]
+        for t in g["transports"]:
+            pairs = [f"{p}/{t}" for p in g["pairs"]]
+            for w, need in g["tput"].items():
+                res = best_of(rows, w, pairs)
+                if res is None:
+                    continue
+                peer_v, peer_cpu = res["peers"][res["best"]]
+                big = w.startswith("1M")
+                cfgs = [v for (kind, _, _), v in st.items() if kind == t]
+                if res["ratio"] is not None and res["ratio"] < need:
+                    want = need * peer_v
+                    lims = []
+                    u = res.get("cli_util")
+                    if u and "x" not in w.rsplit("-", 1)[-1]:
+                        lims.append((res["vmed"] / u, f"fio's one thread at 100% of a core "
+                                     f"(it ran at {u * 100:.0f}%): {fmt(res['vmed'] / u, res['unit'])}"))
+                    if big and cfgs:
+                        best = max(statistics.median(x[0] for x in v) for v in cfgs)
+                        lims.append((mib_s(best), f"best bare {t} stream: {fmt(mib_s(best), 'MiB/s')}"))
+                    if name == "file" and w.startswith("1M-write") and fw:
+                        mode = max(fw, key=lambda m: statistics.median(fw[m]))
+                        best = statistics.median(fw[mode])
+                        lims.append((best, f"socket into a file, no protocol (bench/filewrite, best "
+                                     f"method: {mode}): {fmt(best, 'MiB/s')}"))
+                    over = [l for l in lims if want > l[0]]
+                    beyond_n += bool(over)
+                    out.append(f"| {name} | {t} | {w} | throughput | {fmt(res['vmed'], res['unit'])} "
+                               f"{res['unit']} | {fmt(want, res['unit'])} ({need:g} × peer) "
+                               f"| {'; '.join(l[1] for l in lims) or 'none'} | {'yes' if over else 'no'} |")
+                    shown += 1
+                cmax = g["cpu_max"]
+                if cmax is not None and res["cpu_ratio"] is not None and res["cpu_ratio"] > cmax:
+                    want = cmax * peer_cpu
+                    lim, txt = None, "none"
+                    side = 2 if w.startswith("1M-read") else 1   # sender for reads, receiver for writes
+                    if big and cfgs:
+                        fl = [statistics.median(x[side] for x in v) for v in cfgs
+                              if all(x[side] is not None for x in v)]
+                        if fl:
+                            lim = min(fl)
+                            txt = (f"a bare {t} stream's {'sender' if side == 2 else 'receiver'}: "
+                                   f"{lim:.0f} µs per MiB")
+                    over = lim is not None and lim > want
+                    beyond_n += over
+                    out.append(f"| {name} | {t} | {w} | server CPU µs/req | {res['vcpu']:.1f} "
+                               f"| ≤ {want:.1f} ({cmax:g} × peer) | {txt} | {'yes' if over else 'no'} |")
+                    shown += 1
+    if not shown:
+        print("Every target of bench/run was met in this run.")
+        return 0
+    out.append("")
+    out.append(f"{beyond_n} of the {shown} missed targets ask for more than a limit measured here "
+               "without vdbus. \"none\": nothing in this run bounds that row (see docs/performance.md).")
+    print("\n".join(out))
+    return 0
+
+
 # ---------------------------------------------------------------- memory (bench/memory)
 MEM_COLS = ["side", "phase", "op", "bytes", "rss0", "rss1", "anon0", "anon1", "secs"]
 MiB = 1024 * 1024
@@ -618,37 +694,86 @@ def stream(a):
         region[i] = 1                    # touch every page before the clock starts
     mv = memoryview(region)
     c, _ = ls.accept()
-    got, off, t = 0, 0, time.monotonic()
+    got, off, calls, t = 0, 0, 0, time.monotonic()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     while got < n:
         if off + b > size:
             off = 0
         k = c.recv_into(mv[off:off + b])
+        calls += 1
         if not k:
             break
         got += k
         off = (off + k) if a.sink_gib else 0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     dt = time.monotonic() - t
-    os.waitpid(pid, 0)
+    _, _, ru = os.wait4(pid, 0)
     if got < n:
         sys.stderr.write("benchlib stream: sender stopped early\n")
         return 1
-    print(f"{got / dt / 1e9:.2f}")
+    # CPU per MiB moved: the receiver's (this process, during the loop: the
+    # kernel's copy out of the socket and freeing what the sender queued,
+    # plus `calls` trips through Python) and the sender's (the child, all of
+    # it: its copy into the socket, and on loopback TCP the receive path the
+    # kernel runs in the sender's context).
+    mib = got / (1 << 20)
+    rx = (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) * 1e6 / mib
+    tx = (ru.ru_utime + ru.ru_stime) * 1e6 / mib
+    print(f"{got / dt / 1e9:.2f} {rx:.1f} {tx:.1f} {calls / mib:.1f}")
     return 0
 
 
-def stream_table(tsv):
+def read_stream(tsv):
+    """bench/stream's TSV: {(kind, sndbuf, sink GiB): [(GB/s, rx µs/MiB, tx µs/MiB, recv calls/MiB)]}
+    (CPU columns None in TSVs from before they were recorded)."""
     rows = {}
     with open(tsv) as f:
         for line in f:
-            rep, kind, sndbuf, gbs, *sink = line.split()
-            rows.setdefault((kind, sndbuf, int(sink[0]) if sink else 0), []).append(float(gbs))
-    print("| transport | send buffer | receiver writes into | GB/s |")
-    print("|---|---|---|---|")
+            rep, kind, sndbuf, gbs, *rest = line.split()
+            sink = int(rest[0]) if rest else 0
+            cpu = [float(x) for x in rest[1:4]] if len(rest) >= 4 else [None, None, None]
+            rows.setdefault((kind, sndbuf, sink), []).append((float(gbs), *cpu))
+    return rows
+
+
+def med_range(v, fmt_s):
+    v = sorted(x for x in v if x is not None)
+    if not v:
+        return "–"
+    return f"{fmt_s.format(statistics.median(v))} ({fmt_s.format(v[0])}–{fmt_s.format(v[-1])})"
+
+
+def stream_table(tsv):
+    rows = read_stream(tsv)
+    print("| transport | send buffer | receiver writes into | GB/s | receiver CPU µs/MiB "
+          "| sender CPU µs/MiB | receiver recv() calls/MiB |")
+    print("|---|---|---|---|---|---|---|")
     for (kind, sndbuf, sink), v in sorted(rows.items()):
-        v.sort()
         sb = "default" if sndbuf == "default" else f"{int(sndbuf) >> 20} MiB"
         into = f"{sink} GiB of memory, front to back" if sink else "one 1 MiB buffer"
-        print(f"| {kind} | {sb} | {into} | {statistics.median(v):.2f} ({v[0]:.2f}–{v[-1]:.2f}) |")
+        print(f"| {kind} | {sb} | {into} | {med_range([x[0] for x in v], '{:.2f}')} "
+              f"| {med_range([x[1] for x in v], '{:.0f}')} | {med_range([x[2] for x in v], '{:.0f}')} "
+              f"| {med_range([x[3] for x in v], '{:.1f}')} |")
+    return 0
+
+
+def read_filewrite(tsv):
+    """bench/stream's filewrite TSV: {mode: [MiB/s per rep]}."""
+    rows = {}
+    if tsv and os.path.exists(tsv):
+        with open(tsv) as f:
+            for line in f:
+                if line.strip():
+                    rep, mode, mibs = line.split()
+                    rows.setdefault(mode, []).append(float(mibs))
+    return rows
+
+
+def filewrite_table(tsv):
+    print("| method | MiB/s |")
+    print("|---|---|")
+    for mode, v in read_filewrite(tsv).items():
+        print(f"| {mode} | {med_range(v, '{:,.0f}')} |")
     return 0
 
 
@@ -699,6 +824,9 @@ def main():
     t = sub.add_parser("targets")
     t.add_argument("--tsv", required=True)
     t.add_argument("--set", required=True, choices=sorted(TARGETS))
+    t = sub.add_parser("limits")
+    t.add_argument("--tsv", required=True, help="bench/run's TSV")
+    t.add_argument("--stream", help="bench/stream's TSV (optional)")
     for name in ("mem-fill", "mem-trim", "mem-plug"):
         x = sub.add_parser(name)
         x.add_argument("--tsv", required=True)
@@ -725,6 +853,8 @@ def main():
     x.add_argument("--sink-gib", type=int, default=0,
                    help="receive into this many GiB of touched memory, front to back")
     x = sub.add_parser("stream-table")
+    x.add_argument("tsv")
+    x = sub.add_parser("filewrite-table")
     x.add_argument("tsv")
     x = sub.add_parser("syscost-table")
     x.add_argument("tsv")
@@ -755,8 +885,12 @@ def main():
         return best_report(a)
     if a.cmd == "targets":
         return targets_report(a)
+    if a.cmd == "limits":
+        return limits_report(a)
     if a.cmd == "stream":
         return stream(a)
+    if a.cmd == "filewrite-table":
+        return filewrite_table(a.tsv)
     if a.cmd == "syscost-table":
         return syscost_table(a.tsv)
     if a.cmd == "stream-table":
