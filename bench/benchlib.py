@@ -444,7 +444,10 @@ def limits_report(a):
     measured without vdbus: for one-job rows the rate of fio's one thread at
     100% of a core (client_ceiling); for 1 MiB rows the best bare stream of
     that transport (bench/stream, GB/s) and, for the CPU targets, the CPU a
-    bare stream's sender (reads) or receiver (writes) spends per MiB."""
+    bare stream's sender (reads) or receiver (writes) spends per MiB.  For
+    write rows the streams that receive into 1 GiB of memory are used (a
+    RAM disk's pages are that: far larger than the caches), for read rows the
+    best of all (the bare sender sends from a hot buffer, so it is a bound)."""
     rows = read_tsv(a.tsv)
     st = read_stream(a.stream) if a.stream and os.path.exists(a.stream) else {}
     fw = read_filewrite(a.stream[:-4] + "-filewrite.tsv") if a.stream else {}
@@ -462,6 +465,8 @@ def limits_report(a):
                 peer_v, peer_cpu = res["peers"][res["best"]]
                 big = w.startswith("1M")
                 cfgs = [v for (kind, _, _), v in st.items() if kind == t]
+                if "write" in w:   # payloads land in memory far larger than the caches
+                    cfgs = [v for (kind, _, sink), v in st.items() if kind == t and sink] or cfgs
                 if res["ratio"] is not None and res["ratio"] < need:
                     want = need * peer_v
                     lims = []
