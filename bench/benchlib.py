@@ -475,14 +475,17 @@ def limits_report(a):
                         lims.append((res["vmed"] / u, f"fio's one thread at 100% of a core "
                                      f"(it ran at {u * 100:.0f}%): {fmt(res['vmed'] / u, res['unit'])}"))
                     if big and cfgs:
-                        best = max(statistics.median(x[0] for x in v) for v in cfgs)
-                        lims.append((mib_s(best), f"best bare {t} stream: {fmt(mib_s(best), 'MiB/s')}"))
+                        best = max(x[0] for v in cfgs for x in v)   # its best run
+                        lims.append((mib_s(best), f"fastest bare {t} stream: {fmt(mib_s(best), 'MiB/s')}"))
                     if name == "file" and w.startswith("1M-write") and fw:
-                        mode = max(fw, key=lambda m: statistics.median(fw[m]))
-                        best = statistics.median(fw[mode])
-                        lims.append((best, f"socket into a file, no protocol (bench/filewrite, best "
-                                     f"method: {mode}): {fmt(best, 'MiB/s')}"))
-                    over = [l for l in lims if want > l[0]]
+                        mode = max(fw, key=lambda m: max(fw[m]))
+                        best = max(fw[mode])
+                        lims.append((best, f"socket into a file, no protocol (bench/filewrite, fastest "
+                                     f"run: {mode}): {fmt(best, 'MiB/s')}"))
+                    # a "limit" vdbus itself went past is no bound: shown, not counted
+                    lims = [(c, txt + (" (vdbus went past it: not a bound)" if res["vmed"] > c else ""))
+                            for c, txt in lims]
+                    over = [l for l in lims if want > l[0] and res["vmed"] <= l[0]]
                     beyond_n += bool(over)
                     out.append(f"| {name} | {t} | {w} | throughput | {fmt(res['vmed'], res['unit'])} "
                                f"{res['unit']} | {fmt(want, res['unit'])} ({need:g} × peer) "
@@ -494,13 +497,14 @@ def limits_report(a):
                     lim, txt = None, "none"
                     side = 2 if w.startswith("1M-read") else 1   # sender for reads, receiver for writes
                     if big and cfgs:
-                        fl = [statistics.median(x[side] for x in v) for v in cfgs
-                              if all(x[side] is not None for x in v)]
+                        fl = [x[side] for v in cfgs for x in v if x[side] is not None]   # its cheapest run
                         if fl:
                             lim = min(fl)
-                            txt = (f"a bare {t} stream's {'sender' if side == 2 else 'receiver'}: "
+                            txt = (f"cheapest bare {t} stream's {'sender' if side == 2 else 'receiver'}: "
                                    f"{lim:.0f} µs per MiB")
-                    over = lim is not None and lim > want
+                    if lim is not None and res["vcpu"] < lim:
+                        txt += " (vdbus spent less: not a bound)"
+                    over = lim is not None and lim > want and res["vcpu"] >= lim
                     beyond_n += over
                     out.append(f"| {name} | {t} | {w} | server CPU µs/req | {res['vcpu']:.1f} "
                                f"| ≤ {want:.1f} ({cmax:g} × peer) | {txt} | {'yes' if over else 'no'} |")
