@@ -360,17 +360,27 @@ def f_reps(rs, target, at_least):
     return f[0] if len(rs) == 1 else f"{f[0]} ({f[1]}–{f[2]})"
 
 
+def one_job_ceiling(res, workload):
+    """For a one-job workload, the rate fio's one thread would reach at 100%
+    of a core at the CPU it spent against vdbus (vdbus's median / fio's CPU
+    fraction); None for workloads with more jobs ("x2": their clients share
+    the two CPUs with the server) or without fio's CPU."""
+    u = res.get("cli_util")
+    if "x" in workload.rsplit("-", 1)[-1] or not u:
+        return None
+    return res["vmed"] / u
+
+
 def client_ceiling(res, workload, need, missed, beyond, where):
     """The last cell of a target row: for a one-job workload, fio's CPU in
     vdbus's runs (% of a core) and the rate its one thread would reach at 100%
     of a core at that CPU per request, against the rate the target needs
     (need × the better peer's median).  A missed target above that ceiling is
-    added to beyond.  Workloads with more jobs ("x2") get "–": their clients
-    share the two CPUs with the server, so there is no one-thread ceiling."""
-    u = res.get("cli_util")
-    if "x" in workload.rsplit("-", 1)[-1] or not u:
+    added to beyond.  Workloads without a one-thread ceiling get "–"."""
+    ceil = one_job_ceiling(res, workload)
+    if ceil is None:
         return "–"
-    ceil = res["vmed"] / u
+    u = res["cli_util"]
     want = need * res["peers"][res["best"]][0]
     unit = res["unit"]
     cell = f"{u * 100:.0f}%, {fmt(ceil, unit)} vs {fmt(want, unit)} {unit}"
@@ -435,10 +445,6 @@ def targets_report(a):
     return 0
 
 
-def mib_s(gbs):
-    return gbs * 1e9 / (1 << 20)
-
-
 def limits_report(a):
     """Markdown: each missed target of bench/run next to what bounds that row
     without vdbus: for one-job rows the rate of fio's one thread at 100% of a
@@ -464,10 +470,10 @@ def limits_report(a):
                 if res["ratio"] is not None and res["ratio"] < need:
                     want = need * peer_v
                     lims = []
-                    u = res.get("cli_util")
-                    if u and "x" not in w.rsplit("-", 1)[-1]:
-                        lims.append((res["vmed"] / u, f"fio's one thread at 100% of a core "
-                                     f"(it ran at {u * 100:.0f}%): {fmt(res['vmed'] / u, res['unit'])}"))
+                    ceil = one_job_ceiling(res, w)
+                    if ceil is not None:
+                        lims.append((ceil, f"fio's one thread at 100% of a core (it ran at "
+                                     f"{res['cli_util'] * 100:.0f}%): {fmt(ceil, res['unit'])}"))
                     if name == "file" and w.startswith("1M-write") and fw:
                         mode = max(fw, key=lambda m: max(fw[m]))
                         best = max(fw[mode])
