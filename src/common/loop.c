@@ -359,11 +359,12 @@ void vdb_loop_nap(struct vdb_loop *loop, unsigned us)
 /* Take the pause asked for this round, if any. */
 static void loop_nap(struct vdb_loop *loop)
 {
-  struct timespec ts = { .tv_sec = loop->nap_us / 1000000,
-                         .tv_nsec = (long)(loop->nap_us % 1000000) * 1000 };
+  struct timespec ts;
 
   if (loop->nap_us == 0)
     return;
+  ts.tv_sec = loop->nap_us / 1000000;
+  ts.tv_nsec = (long)(loop->nap_us % 1000000) * 1000;
   loop->nap_us = 0;
   while (!loop->stop && clock_nanosleep(CLOCK_MONOTONIC, 0, &ts, &ts) == EINTR)
     ;
