@@ -32,7 +32,6 @@
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -445,16 +444,118 @@ def targets_report(a):
     return 0
 
 
+def read_xfer(tsv):
+    """bench/run's xfer TSV: {(workload, transport, mode): [(MiB/s, sender µs/MiB,
+    receiver µs/MiB, recv calls/MiB)]}; {} without a file."""
+    rows = {}
+    if tsv and os.path.exists(tsv):
+        with open(tsv) as f:
+            for line in f:
+                if line.strip():
+                    rep, w, tr, mode, *v = line.split()
+                    rows.setdefault((w, tr, mode), []).append(tuple(float(x) for x in v))
+    return rows
+
+
+XFER_HOW = {"send": "send()", "zerocopy": "send(MSG_ZEROCOPY)", "splice": "vmsplice + splice"}
+
+
+def xfer_table(a):
+    """Markdown: the transport alone next to each 1M row (bench/xfer)."""
+    rows = read_xfer(a.tsv)
+    if not rows:
+        print("No bench/xfer rows in this run.")
+        return 0
+    print("| workload | transport | sender | MiB/s | sender CPU µs/MiB | receiver CPU µs/MiB "
+          "| recv() calls/MiB | the server's end |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (w, tr, mode), v in rows.items():
+        how = XFER_HOW[mode] + (", 4 MiB send buffer" if (mode, tr) == ("splice", "unix") else "")
+        end = "sender" if w.startswith("1M-read") else "receiver"
+        print(f"| {w} | {tr} | {how} | {med_range([x[0] for x in v], '{:,.0f}')} "
+              f"| {med_range([x[1] for x in v], '{:.0f}')} | {med_range([x[2] for x in v], '{:.0f}')} "
+              f"| {med_range([x[3] for x in v], '{:.1f}')} | {end} |")
+    return 0
+
+
+def xfer_limits(xf, w, tr):
+    """For a 1M row: ((the fastest way's median MiB/s, its mode), (the server's
+    end's cheapest median CPU µs/MiB, its mode)) from bench/xfer's rows of the
+    same workload and transport, or (None, None).  The server's end is the
+    sender for reads, the receiver for writes."""
+    modes = {m: v for (xw, xt, m), v in xf.items() if xw == w and xt == tr}
+    if not modes:
+        return None, None
+    col = 1 if w.startswith("1M-read") else 2
+    rate = max((statistics.median(x[0] for x in v), m) for m, v in modes.items())
+    cpu = min((statistics.median(x[col] for x in v), m) for m, v in modes.items())
+    return rate, cpu
+
+
+def floor_of(rows, workload, tr):
+    """bench/minsrv's runs ("floor" side of ram/TR) for one workload: (median
+    value, median server CPU µs/req, median client CPU µs/req), or None."""
+    sel = [r for r in rows if r["workload"] == workload and r["pair"] == f"ram/{tr}"
+           and r["side"] == "floor" and int(r["ios"])]
+    if not sel:
+        return None
+    return (statistics.median(float(r["value"]) for r in sel),
+            statistics.median(cpu_us(r) for r in sel),
+            statistics.median(float(r["client_cpu_s"]) * 1e6 / int(r["ios"]) for r in sel))
+
+
+def floor_table(a):
+    """Markdown: bench/minsrv (the least server) next to vdbus's RAM disk, per row."""
+    rows = read_tsv(a.tsv)
+    order_w, trs = [], []
+    for r in rows:
+        if r["side"] == "floor":
+            if r["workload"] not in order_w:
+                order_w.append(r["workload"])
+            t = r["pair"].split("/")[1]
+            if t not in trs:
+                trs.append(t)
+    if not order_w:
+        print("No bench/minsrv runs in this run.")
+        return 0
+    print("| workload | transport | minsrv (median, min–max) | minsrv CPU µs/req | vdbus RAM disk "
+          "| vdbus / minsrv: throughput | server CPU | client CPU µs/req (minsrv / vdbus) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for w in order_w:
+        for t in trs:
+            fl = floor_of(rows, w, t)
+            res = best_of(rows, w, [f"ram/{t}"])
+            if fl is None or res is None:
+                continue
+            u = res["unit"]
+            vals = [float(r["value"]) for r in rows if r["workload"] == w
+                    and r["pair"] == f"ram/{t}" and r["side"] == "floor"]
+            vd = [r for r in rows if r["workload"] == w and r["pair"] == f"ram/{t}"
+                  and r["side"] == "vdbus" and int(r["ios"])]
+            vcli = statistics.median(float(r["client_cpu_s"]) * 1e6 / int(r["ios"]) for r in vd)
+            print(f"| {w} | {t} | {fmt(fl[0], u)} {u} ({fmt(min(vals), u)}–{fmt(max(vals), u)}) "
+                  f"| {fl[1]:.1f} | {fmt(res['vmed'], u)} {u} | {res['vmed'] / fl[0]:.2f} "
+                  f"| {res['vcpu'] / fl[1]:.2f} | {fl[2]:.1f} / {vcli:.1f} |")
+    return 0
+
+
 def limits_report(a):
     """Markdown: each missed target of bench/run next to what bounds that row
     without vdbus: for one-job rows the rate of fio's one thread at 100% of a
     core (as client_ceiling); for the file disk's 1M write rows the fastest
     bench/filewrite run (1 MiB from a socket into a file, no protocol), if
-    --filewrite is given.  The server CPU targets have no such measurement.
-    bench/stream's bare streams are not used: vdbus with fio went past them
-    in the same minutes (docs/performance.md), so they bound nothing."""
+    --filewrite is given; for every row, the least server (bench/minsrv, the
+    "floor" side of the ram rows, same transport) with the same fio: its rate
+    bounds the rate and its CPU per request the server CPU; for every 1M row,
+    with --xfer, the transport alone (bench/xfer, run next to each of those
+    rows): its fastest way of sending
+    bounds the rate, and the server's end of the stream (the sender for
+    reads, the receiver for writes), at the cheapest way, bounds the server
+    CPU per 1 MiB request.  A limit vdbus itself went past is shown and not
+    counted."""
     rows = read_tsv(a.tsv)
     fw = read_filewrite(a.filewrite)
+    xf = read_xfer(a.xfer)
     out = ["| target | transport | workload | measure | vdbus | need | limit measured in this run | beyond it |",
            "|---|---|---|---|---|---|---|---|"]
     shown = beyond_n = 0
@@ -467,6 +568,8 @@ def limits_report(a):
                 if res is None:
                     continue
                 peer_v, peer_cpu = res["peers"][res["best"]]
+                xrate, xcpu = xfer_limits(xf, w, t) if w.startswith("1M") else (None, None)
+                fl = floor_of(rows, w, t)
                 if res["ratio"] is not None and res["ratio"] < need:
                     want = need * peer_v
                     lims = []
@@ -479,6 +582,12 @@ def limits_report(a):
                         best = max(fw[mode])
                         lims.append((best, f"socket into a file, no protocol (bench/filewrite, fastest "
                                      f"run: {mode}): {fmt(best, 'MiB/s')}"))
+                    if fl is not None:
+                        lims.append((fl[0], f"the least server (bench/minsrv) with the same fio: "
+                                     f"{fmt(fl[0], res['unit'])}"))
+                    if xrate is not None:
+                        lims.append((xrate[0], f"the transport alone (bench/xfer, {XFER_HOW[xrate[1]]}, "
+                                     f"median): {fmt(xrate[0], 'MiB/s')}"))
                     # a "limit" vdbus itself went past is no bound: shown, not counted
                     lims = [(c, txt + (" (vdbus went past it: not a bound)" if res["vmed"] > c else ""))
                             for c, txt in lims]
@@ -490,16 +599,30 @@ def limits_report(a):
                     shown += 1
                 cmax = g["cpu_max"]
                 if cmax is not None and res["cpu_ratio"] is not None and res["cpu_ratio"] > cmax:
+                    want = cmax * peer_cpu
+                    lims = []
+                    if fl is not None:
+                        lims.append((fl[1], f"the least server (bench/minsrv) with the same fio: "
+                                     f"{fl[1]:.1f} µs/req"))
+                    if xcpu is not None:
+                        end = "sender" if w.startswith("1M-read") else "receiver"
+                        lims.append((xcpu[0], f"the transport alone: its {end} (the server's end; "
+                                     f"{XFER_HOW[xcpu[1]]}, median) {xcpu[0]:.0f} µs/MiB"))
+                    lims = [(c, txt + (" (vdbus went under it: not a bound)" if res["vcpu"] < c else ""))
+                            for c, txt in lims]
+                    over = any(want < c <= res["vcpu"] for c, _ in lims)
+                    beyond_n += over
                     out.append(f"| {name} | {t} | {w} | server CPU µs/req | {res['vcpu']:.1f} "
-                               f"| ≤ {cmax * peer_cpu:.1f} ({cmax:g} × peer) | none | no |")
+                               f"| ≤ {want:.1f} ({cmax:g} × peer) | {'; '.join(l[1] for l in lims) or 'none'} "
+                               f"| {'yes' if over else 'no'} |")
                     shown += 1
     if not shown:
         print("Every target of bench/run was met in this run.")
         return 0
     out.append("")
-    out.append(f"{beyond_n} of the {shown} missed targets ask for more than a limit measured in this run "
-               "without vdbus. \"none\": nothing in this run bounds that row (docs/performance.md "
-               "discusses each).")
+    out.append(f"{beyond_n} of the {shown} missed targets are beyond a limit measured in this run "
+               "without vdbus: a rate above it, or less server CPU than the transport's own end spends. "
+               "\"none\": nothing in this run bounds that row (docs/performance.md discusses each).")
     print("\n".join(out))
     return 0
 
@@ -647,86 +770,15 @@ def mem_report(a):
     return 0
 
 
-def stream(a):
-    """One stream of 1 MiB sends, child -> parent, over a Unix socket or TCP
-    loopback; prints GB/s seen by the receiver."""
-    import socket
-    import time
-    n, b = a.gib << 30, 1 << 20
-    if a.kind == "tcp":
-        ls = socket.socket()
-        ls.bind(("127.0.0.1", 0))
-        fam, addr = socket.AF_INET, ls.getsockname()
-    else:
-        addr = os.path.join(a.dir, "stream.sock")
-        if os.path.exists(addr):
-            os.unlink(addr)
-        ls = socket.socket(socket.AF_UNIX)
-        ls.bind(addr)
-        fam = socket.AF_UNIX
-    ls.listen(1)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            s = socket.socket(fam)
-            if a.sndbuf != "default":
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, int(a.sndbuf))
-            s.connect(addr)
-            buf, sent = b"x" * b, 0
-            while sent < n:
-                s.sendall(buf)
-                sent += b
-            s.close()
-        finally:
-            os._exit(0)
-    # The receiver's memory: one reused 1 MiB buffer (hot in the cache), or
-    # --sink-gib of touched memory written front to back, as a RAM disk's
-    # pages are by 1 MiB writes (cold: far larger than the caches).
-    size = (a.sink_gib << 30) if a.sink_gib else b
-    region = bytearray(size)
-    for i in range(0, size, 4096):
-        region[i] = 1                    # touch every page before the clock starts
-    mv = memoryview(region)
-    c, _ = ls.accept()
-    got, off, calls, t = 0, 0, 0, time.monotonic()
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    while got < n:
-        if off + b > size:
-            off = 0
-        k = c.recv_into(mv[off:off + b])
-        calls += 1
-        if not k:
-            break
-        got += k
-        off = (off + k) if a.sink_gib else 0
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    dt = time.monotonic() - t
-    _, _, ru = os.wait4(pid, 0)
-    if got < n:
-        sys.stderr.write("benchlib stream: sender stopped early\n")
-        return 1
-    # CPU per MiB moved: the receiver's (this process, during the loop: the
-    # kernel's copy out of the socket and freeing what the sender queued,
-    # plus `calls` trips through Python) and the sender's (the child, all of
-    # it: its copy into the socket, and on loopback TCP the receive path the
-    # kernel runs in the sender's context).
-    mib = got / (1 << 20)
-    rx = (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) * 1e6 / mib
-    tx = (ru.ru_utime + ru.ru_stime) * 1e6 / mib
-    print(f"{got / dt / 1e9:.2f} {rx:.1f} {tx:.1f} {calls / mib:.1f}")
-    return 0
-
-
 def read_stream(tsv):
-    """bench/stream's TSV: {(kind, sndbuf, sink GiB): [(GB/s, rx µs/MiB, tx µs/MiB, recv calls/MiB)]}
-    (CPU columns None in TSVs from before they were recorded)."""
+    """bench/stream's TSV (bench/xfer runs): {(kind, mode, sndbuf, src, dst):
+    [(MiB/s, sender µs/MiB, receiver µs/MiB, recv calls/MiB)]}."""
     rows = {}
     with open(tsv) as f:
         for line in f:
-            rep, kind, sndbuf, gbs, *rest = line.split()
-            sink = int(rest[0]) if rest else 0
-            cpu = [float(x) for x in rest[1:4]] if len(rest) >= 4 else [None, None, None]
-            rows.setdefault((kind, sndbuf, sink), []).append((float(gbs), *cpu))
+            if line.strip():
+                rep, kind, mode, sndbuf, src, dst, *v = line.split()
+                rows.setdefault((kind, mode, sndbuf, src, dst), []).append(tuple(float(x) for x in v))
     return rows
 
 
@@ -739,15 +791,15 @@ def med_range(v, fmt_s):
 
 def stream_table(tsv):
     rows = read_stream(tsv)
-    print("| transport | send buffer | receiver writes into | GB/s | receiver CPU µs/MiB "
-          "| sender CPU µs/MiB | receiver recv() calls/MiB |")
-    print("|---|---|---|---|---|---|---|")
-    for (kind, sndbuf, sink), v in sorted(rows.items()):
-        sb = "default" if sndbuf == "default" else f"{int(sndbuf) >> 20} MiB"
-        into = f"{sink} GiB of memory, front to back" if sink else "one 1 MiB buffer"
-        print(f"| {kind} | {sb} | {into} | {med_range([x[0] for x in v], '{:.2f}')} "
-              f"| {med_range([x[1] for x in v], '{:.0f}')} | {med_range([x[2] for x in v], '{:.0f}')} "
-              f"| {med_range([x[3] for x in v], '{:.1f}')} |")
+    what = {"8": "8 MiB of buffers", "region": "1 GiB of memory, front to back"}
+    print("| transport | send buffer | sender reads | receiver writes into | MiB/s "
+          "| sender CPU µs/MiB | receiver CPU µs/MiB | receiver recv() calls/MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (kind, mode, sndbuf, src, dst), v in rows.items():
+        sb = "default" if sndbuf == "0" else f"{int(sndbuf) >> 20} MiB"
+        print(f"| {kind} | {sb} | {what.get(src, src)} | {what.get(dst, dst)} "
+              f"| {med_range([x[0] for x in v], '{:,.0f}')} | {med_range([x[1] for x in v], '{:.0f}')} "
+              f"| {med_range([x[2] for x in v], '{:.0f}')} | {med_range([x[3] for x in v], '{:.1f}')} |")
     return 0
 
 
@@ -821,6 +873,11 @@ def main():
     t = sub.add_parser("limits")
     t.add_argument("--tsv", required=True, help="bench/run's TSV")
     t.add_argument("--filewrite", help="bench/stream's filewrite TSV (optional)")
+    t.add_argument("--xfer", help="bench/run's xfer TSV (optional)")
+    t = sub.add_parser("floor-table")
+    t.add_argument("--tsv", required=True, help="bench/run's TSV")
+    t = sub.add_parser("xfer-table")
+    t.add_argument("--tsv", required=True, help="bench/run's xfer TSV")
     for name in ("mem-fill", "mem-trim", "mem-plug"):
         x = sub.add_parser(name)
         x.add_argument("--tsv", required=True)
@@ -839,13 +896,6 @@ def main():
             x.add_argument("--anon0", type=int, required=True)
     x = sub.add_parser("mem-report")
     x.add_argument("--tsv", required=True)
-    x = sub.add_parser("stream")
-    x.add_argument("--kind", choices=("unix", "tcp"), required=True)
-    x.add_argument("--sndbuf", default="default")
-    x.add_argument("--gib", type=int, default=8)
-    x.add_argument("--dir", default="/tmp")
-    x.add_argument("--sink-gib", type=int, default=0,
-                   help="receive into this many GiB of touched memory, front to back")
     x = sub.add_parser("stream-table")
     x.add_argument("tsv")
     x = sub.add_parser("filewrite-table")
@@ -881,8 +931,10 @@ def main():
         return targets_report(a)
     if a.cmd == "limits":
         return limits_report(a)
-    if a.cmd == "stream":
-        return stream(a)
+    if a.cmd == "floor-table":
+        return floor_table(a)
+    if a.cmd == "xfer-table":
+        return xfer_table(a)
     if a.cmd == "filewrite-table":
         return filewrite_table(a.tsv)
     if a.cmd == "syscost-table":
