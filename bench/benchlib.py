@@ -551,8 +551,8 @@ def limits_report(a):
     rows): its fastest way of sending
     bounds the rate, and the server's end of the stream (the sender for
     reads, the receiver for writes), at the cheapest way, bounds the server
-    CPU per 1 MiB request.  A limit vdbus itself went past is shown and not
-    counted."""
+    CPU per 1 MiB request.  A limit that vdbus or the least server went
+    past is shown and not counted."""
     rows = read_tsv(a.tsv)
     fw = read_filewrite(a.filewrite)
     xf = read_xfer(a.xfer)
@@ -588,10 +588,13 @@ def limits_report(a):
                     if xrate is not None:
                         lims.append((xrate[0], f"the transport alone (bench/xfer, {XFER_HOW[xrate[1]]}, "
                                      f"median): {fmt(xrate[0], 'MiB/s')}"))
-                    # a "limit" vdbus itself went past is no bound: shown, not counted
-                    lims = [(c, txt + (" (vdbus went past it: not a bound)" if res["vmed"] > c else ""))
+                    # a "limit" that vdbus, or the least server, went past is no
+                    # bound: shown, not counted
+                    top = max(res["vmed"], fl[0] if fl is not None else 0)
+                    lims = [(c, txt + (f" ({'vdbus' if res['vmed'] > c else 'the least server'} "
+                                       "went past it: not a bound)" if top > c else ""))
                             for c, txt in lims]
-                    over = [l for l in lims if want > l[0] and res["vmed"] <= l[0]]
+                    over = [l for l in lims if want > l[0] >= top]
                     beyond_n += bool(over)
                     out.append(f"| {name} | {t} | {w} | throughput | {fmt(res['vmed'], res['unit'])} "
                                f"{res['unit']} | {fmt(want, res['unit'])} ({need:g} × peer) "
@@ -608,9 +611,11 @@ def limits_report(a):
                         end = "sender" if w.startswith("1M-read") else "receiver"
                         lims.append((xcpu[0], f"the transport alone: its {end} (the server's end; "
                                      f"{XFER_HOW[xcpu[1]]}, median) {xcpu[0]:.0f} µs/MiB"))
-                    lims = [(c, txt + (" (vdbus went under it: not a bound)" if res["vcpu"] < c else ""))
+                    low = min(res["vcpu"], fl[1] if fl is not None else res["vcpu"])
+                    lims = [(c, txt + (f" ({'vdbus' if res['vcpu'] < c else 'the least server'} "
+                                       "went under it: not a bound)" if low < c else ""))
                             for c, txt in lims]
-                    over = any(want < c <= res["vcpu"] for c, _ in lims)
+                    over = any(want < c <= low for c, _ in lims)
                     beyond_n += over
                     out.append(f"| {name} | {t} | {w} | server CPU µs/req | {res['vcpu']:.1f} "
                                f"| ≤ {want:.1f} ({cmax:g} × peer) | {'; '.join(l[1] for l in lims) or 'none'} "
