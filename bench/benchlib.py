@@ -444,17 +444,22 @@ def targets_report(a):
     return 0
 
 
+def read_keyed(tsv, nkeys):
+    """An instrument's TSV (rep, NKEYS key columns, numbers): {keys: [numbers
+    of each rep]}, keys and numbers as tuples."""
+    rows = {}
+    with open(tsv) as f:
+        for line in f:
+            if line.strip():
+                rep, *cols = line.split()
+                rows.setdefault(tuple(cols[:nkeys]), []).append(tuple(float(x) for x in cols[nkeys:]))
+    return rows
+
+
 def read_xfer(tsv):
     """bench/run's xfer TSV: {(workload, transport, mode): [(MiB/s, sender µs/MiB,
     receiver µs/MiB, recv calls/MiB)]}; {} without a file."""
-    rows = {}
-    if tsv and os.path.exists(tsv):
-        with open(tsv) as f:
-            for line in f:
-                if line.strip():
-                    rep, w, tr, mode, *v = line.split()
-                    rows.setdefault((w, tr, mode), []).append(tuple(float(x) for x in v))
-    return rows
+    return read_keyed(tsv, 3) if tsv and os.path.exists(tsv) else {}
 
 
 XFER_HOW = {"send": "send()", "zerocopy": "send(MSG_ZEROCOPY)", "splice": "vmsplice + splice"}
@@ -494,14 +499,17 @@ def xfer_limits(xf, w, tr):
 
 def floor_of(rows, workload, tr):
     """bench/minsrv's runs ("floor" side of ram/TR) for one workload: (median
-    value, median server CPU µs/req, median client CPU µs/req), or None."""
+    value, median server CPU µs/req, median client CPU µs/req, min value, max
+    value), or None."""
     sel = [r for r in rows if r["workload"] == workload and r["pair"] == f"ram/{tr}"
            and r["side"] == "floor" and int(r["ios"])]
     if not sel:
         return None
-    return (statistics.median(float(r["value"]) for r in sel),
+    vals = [float(r["value"]) for r in sel]
+    return (statistics.median(vals),
             statistics.median(cpu_us(r) for r in sel),
-            statistics.median(float(r["client_cpu_s"]) * 1e6 / int(r["ios"]) for r in sel))
+            statistics.median(float(r["client_cpu_s"]) * 1e6 / int(r["ios"]) for r in sel),
+            min(vals), max(vals))
 
 
 def floor_table(a):
@@ -528,15 +536,23 @@ def floor_table(a):
             if fl is None or res is None:
                 continue
             u = res["unit"]
-            vals = [float(r["value"]) for r in rows if r["workload"] == w
-                    and r["pair"] == f"ram/{t}" and r["side"] == "floor"]
             vd = [r for r in rows if r["workload"] == w and r["pair"] == f"ram/{t}"
                   and r["side"] == "vdbus" and int(r["ios"])]
             vcli = statistics.median(float(r["client_cpu_s"]) * 1e6 / int(r["ios"]) for r in vd)
-            print(f"| {w} | {t} | {fmt(fl[0], u)} {u} ({fmt(min(vals), u)}–{fmt(max(vals), u)}) "
+            print(f"| {w} | {t} | {fmt(fl[0], u)} {u} ({fmt(fl[3], u)}–{fmt(fl[4], u)}) "
                   f"| {fl[1]:.1f} | {fmt(res['vmed'], u)} {u} | {res['vmed'] / fl[0]:.2f} "
                   f"| {res['vcpu'] / fl[1]:.2f} | {fl[2]:.1f} / {vcli:.1f} |")
     return 0
+
+
+def mark_bounds(lims, vdbus, floor, past, word):
+    """limits_report's limits [(value, text)] with a note on each that vdbus,
+    or else the least server (floor, may be None), went beyond (past(x, limit):
+    x is beyond it; word says how, in the note), and the better of the two; a
+    limit gone beyond bounds nothing."""
+    best = vdbus if floor is None or past(vdbus, floor) else floor
+    return [(c, txt + (f" ({'vdbus' if past(vdbus, c) else 'the least server'} {word} it: "
+                       "not a bound)" if past(best, c) else "")) for c, txt in lims], best
 
 
 def limits_report(a):
@@ -568,7 +584,7 @@ def limits_report(a):
                 if res is None:
                     continue
                 peer_v, peer_cpu = res["peers"][res["best"]]
-                xrate, xcpu = xfer_limits(xf, w, t) if w.startswith("1M") else (None, None)
+                xrate, xcpu = xfer_limits(xf, w, t)
                 fl = floor_of(rows, w, t)
                 if res["ratio"] is not None and res["ratio"] < need:
                     want = need * peer_v
@@ -588,12 +604,7 @@ def limits_report(a):
                     if xrate is not None:
                         lims.append((xrate[0], f"the transport alone (bench/xfer, {XFER_HOW[xrate[1]]}, "
                                      f"median): {fmt(xrate[0], 'MiB/s')}"))
-                    # a "limit" that vdbus, or the least server, went past is no
-                    # bound: shown, not counted
-                    top = max(res["vmed"], fl[0] if fl is not None else 0)
-                    lims = [(c, txt + (f" ({'vdbus' if res['vmed'] > c else 'the least server'} "
-                                       "went past it: not a bound)" if top > c else ""))
-                            for c, txt in lims]
+                    lims, top = mark_bounds(lims, res["vmed"], fl and fl[0], lambda x, c: x > c, "went past")
                     over = [l for l in lims if want > l[0] >= top]
                     beyond_n += bool(over)
                     out.append(f"| {name} | {t} | {w} | throughput | {fmt(res['vmed'], res['unit'])} "
@@ -611,10 +622,7 @@ def limits_report(a):
                         end = "sender" if w.startswith("1M-read") else "receiver"
                         lims.append((xcpu[0], f"the transport alone: its {end} (the server's end; "
                                      f"{XFER_HOW[xcpu[1]]}, median) {xcpu[0]:.0f} µs/MiB"))
-                    low = min(res["vcpu"], fl[1] if fl is not None else res["vcpu"])
-                    lims = [(c, txt + (f" ({'vdbus' if res['vcpu'] < c else 'the least server'} "
-                                       "went under it: not a bound)" if low < c else ""))
-                            for c, txt in lims]
+                    lims, low = mark_bounds(lims, res["vcpu"], fl and fl[1], lambda x, c: x < c, "went under")
                     over = any(want < c <= low for c, _ in lims)
                     beyond_n += over
                     out.append(f"| {name} | {t} | {w} | server CPU µs/req | {res['vcpu']:.1f} "
@@ -775,18 +783,6 @@ def mem_report(a):
     return 0
 
 
-def read_stream(tsv):
-    """bench/stream's TSV (bench/xfer runs): {(kind, mode, sndbuf, src, dst):
-    [(MiB/s, sender µs/MiB, receiver µs/MiB, recv calls/MiB)]}."""
-    rows = {}
-    with open(tsv) as f:
-        for line in f:
-            if line.strip():
-                rep, kind, mode, sndbuf, src, dst, *v = line.split()
-                rows.setdefault((kind, mode, sndbuf, src, dst), []).append(tuple(float(x) for x in v))
-    return rows
-
-
 def med_range(v, fmt_s):
     v = sorted(x for x in v if x is not None)
     if not v:
@@ -795,7 +791,7 @@ def med_range(v, fmt_s):
 
 
 def stream_table(tsv):
-    rows = read_stream(tsv)
+    rows = read_keyed(tsv, 5)   # (kind, mode, sndbuf, src, dst): bench/xfer's numbers
     what = {"8": "8 MiB of buffers", "region": "1 GiB of memory, front to back"}
     print("| transport | send buffer | sender reads | receiver writes into | MiB/s "
           "| sender CPU µs/MiB | receiver CPU µs/MiB | receiver recv() calls/MiB |")
@@ -809,15 +805,10 @@ def stream_table(tsv):
 
 
 def read_filewrite(tsv):
-    """bench/stream's filewrite TSV: {mode: [MiB/s per rep]}."""
-    rows = {}
-    if tsv and os.path.exists(tsv):
-        with open(tsv) as f:
-            for line in f:
-                if line.strip():
-                    rep, mode, mibs = line.split()
-                    rows.setdefault(mode, []).append(float(mibs))
-    return rows
+    """bench/stream's filewrite TSV: {mode: [MiB/s per rep]}; {} without a file."""
+    if not (tsv and os.path.exists(tsv)):
+        return {}
+    return {k[0]: [v[0] for v in vs] for k, vs in read_keyed(tsv, 1).items()}
 
 
 def filewrite_table(tsv):
