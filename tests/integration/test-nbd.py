@@ -14,7 +14,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vdbtest import nbd_errno, pattern  # noqa: E402
 from vdbtest import (VDBUSD, Daemon, Skip, case, check, eq, fail, main, run, run_ok, have,  # noqa: E402
-                     wait_for, sha256_file)
+                     wait_for, sha256_file, is_root)
 import nbd  # noqa: E402  (python3-libnbd; run with /usr/bin/python3)
 
 MiB = 1 << 20
@@ -287,6 +287,45 @@ def t_fio(d):
     fio_verify(d, d.uri("r"), "ram-unix")
     fio_verify(d, "nbd://127.0.0.1:%d/r" % d.port, "ram-tcp")
     fio_verify(d, d.uri("f"), "file-unix")
+
+
+def fio_verify_big(uri, name):
+    """fio over NBD, requests from 4k to 1M (the file backend writes the big
+    ones into the page cache in pieces), every block read back and checked."""
+    rc, out, err = fio(["--name=" + name, "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite",
+                        "--bssplit=4k/20:12k/10:60k/10:100k/10:256k/20:1m/30", "--size=48M",
+                        "--iodepth=8", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                        "--randrepeat=0"])
+    if rc != 0:
+        fail("fio %s: exit %d\n%s\n%s" % (uri, rc, out[-3000:], err[-3000:]))
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    eq(job["error"], 0, "fio job error")
+    check(job["read"]["io_bytes"] >= 48 * MiB, "fio verified %d bytes" % job["read"]["io_bytes"])
+
+
+@case("file disk, big writes in pieces: fio verify 4k-1M over NBD on this filesystem and, as "
+      "root, on a loop-mounted XFS (whose page cache takes RWF_NOWAIT writes)", timeout=400)
+def t_file_pieces(d):
+    if not have("fio"):
+        raise Skip("fio not installed")
+    plug_file(d, "f", "64M")
+    fio_verify_big(d.uri("f"), "file-pieces")
+    if not is_root() or not have("mkfs.xfs") or not os.path.exists("/dev/loop-control"):
+        raise Skip("the XFS half needs root, mkfs.xfs and loop devices (this filesystem's half passed)")
+    img, mnt = os.path.join(d.data_dir, "xfs.img"), os.path.join(d.data_dir, "xfs")
+    with open(img, "wb") as f:
+        f.truncate(512 * MiB)
+    run_ok(["mkfs.xfs", "-q", "-f", img])
+    os.mkdir(mnt)
+    run_ok(["mount", "-o", "loop", img, mnt])
+    try:
+        path = os.path.join(mnt, "x.img")
+        d.plug("file", path, "--create", "--size", "64M", "--name", "x", "--attach", "none")
+        fio_verify_big(d.uri("x"), "xfs-pieces")
+        d.cli_ok("unplug", "x")
+    finally:
+        run(["umount", mnt])
+        os.rmdir(mnt)
 
 
 def pause_decisions(d):
