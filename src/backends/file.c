@@ -35,7 +35,7 @@
  * filesystem with buffer heads (ext4, a block device) every later write
  * into a folio walks all of its blocks: after a 1 MiB sequential fill, one
  * thread with no protocol at all does 34.6k random 4 KiB writes per second
- * on ext4, after a 32 KiB fill about 200k (64 KiB: 145k, 4 KiB: 299k), while
+ * on ext4, after a 32 KiB fill 233k (64 KiB: 145k, 4 KiB: 299k), while
  * sequential writes run as fast in 32 KiB pieces as in 1 MiB ones
  * (docs/performance.md).  So the file backend writes in pieces of this
  * size, and a disk image it writes stays cheap to write at random. */
