@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +27,7 @@
 #include <liburing.h>
 
 #include <vdbus/backend.h>
+#include "common/log.h"
 #include "common/loop.h"
 
 #define FILE_ZERO_CHUNK (1u << 20)
@@ -51,6 +53,9 @@ struct file {
   uint64_t map_size;
   _Atomic bool no_nowait;  /* the filesystem refuses RWF_NOWAIT reads */
   _Atomic bool no_nowait_w; /* … or writes */
+  struct file_writer *_Atomic writer; /* writes off the loop (below), or NULL */
+  pthread_mutex_t writer_lock;        /* starting it */
+  bool writer_failed;
 };
 
 #define FILE_MAP_MAX_PAGES 8192   /* reads up to 32 MiB are answered from the mapping */
@@ -189,6 +194,7 @@ static int file_open(const struct vdb_params *params, void **handle, struct vdb_
   if (r < 0)
     goto err;
   f->can_punch = f->can_zero_range = true;
+  pthread_mutex_init(&f->writer_lock, NULL);
   /* A read-only shared mapping of the file: a READ with VDB_REQ_MAP whose
    * pages are all in the page cache is answered with a pointer into it (the
    * NBD server splices those pages into the socket).  Optional: without it
@@ -216,10 +222,14 @@ err:
   return r;
 }
 
+static void file_writer_stop(struct file *f);
+
 static void file_close(void *handle)
 {
   struct file *f = handle;
 
+  file_writer_stop(f);
+  pthread_mutex_destroy(&f->writer_lock);
   if (!f->readonly)
     fdatasync(f->fd);
   if (f->map)
@@ -318,6 +328,202 @@ static bool file_aio_start_at(struct file *f, struct vdb_req *req, uint64_t done
 static bool file_aio_start(struct file *f, struct vdb_req *req)
 {
   return file_aio_start_at(f, req, 0);
+}
+
+/* ---- the writer thread ---- */
+
+/* A buffered write the filesystem cannot take without waiting (no
+ * RWF_NOWAIT, as on ext4) must not run on an event loop: dirty throttling or
+ * a journal commit would stall every other disk on that loop.  Through the
+ * loop's io_uring such a write goes to an io-wq worker, and a big one would
+ * go there once per FILE_WRITE_CHUNK piece, the loop resubmitting each
+ * piece when the last completes.  So each file disk has one writer thread:
+ * loops queue their writes to it, it writes them in turn, piece by piece,
+ * with pwritev2 (the filesystem takes one buffered write to a file at a
+ * time anyway), and it hands each loop its finished writes back in one call
+ * per batch.  Started by the first such write; stopped at close, when
+ * nothing is in flight. */
+
+/* Lives in req->backend_priv while the request is queued to the writer. */
+struct file_wreq {
+  struct vdb_req *next;
+  struct vdb_loop *loop;  /* the submitting loop, which completes it */
+  int res;
+};
+_Static_assert(sizeof(struct file_wreq) <= sizeof(((struct vdb_req *)0)->backend_priv),
+               "file_wreq must fit in backend_priv");
+
+struct file_writer {
+  struct file *f;
+  pthread_t thread;
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  struct vdb_req *head, *tail;  /* queued writes */
+  bool sleeping;                /* waits on cond: signal it */
+  bool stop;
+};
+
+#define FILE_WRITER_LOOPS 8   /* loops a batch's completions are sorted into */
+#define FILE_WRITER_ENV "VDBUS_FILE_WRITER" /* "0": no writer threads (tests, comparisons) */
+
+static inline struct file_wreq *wreq(struct vdb_req *req)
+{
+  return (struct file_wreq *)req->backend_priv;
+}
+
+static int file_pwrite_all(struct file *f, const void *buf, uint64_t len, uint64_t off, int rwflags);
+
+/* On the submitting loop: complete a batch of finished writes. */
+static void file_writer_done(void *arg)
+{
+  for (struct vdb_req *req = arg, *next; req; req = next) {
+    next = wreq(req)->next;
+    vdb_req_complete(req, wreq(req)->res);
+  }
+}
+
+static void file_writer_post(struct vdb_loop *loop, struct vdb_req *list)
+{
+  while (vdb_loop_post(loop, file_writer_done, list) < 0)   /* -ENOMEM: retry shortly */
+    vdb_sleep_ms(1);
+}
+
+/* Write the queued list, then hand the finished writes to their loops. */
+static void file_writer_run(struct file_writer *w, struct vdb_req *req)
+{
+  struct vdb_loop *loops[FILE_WRITER_LOOPS];
+  struct vdb_req *done[FILE_WRITER_LOOPS], **tails[FILE_WRITER_LOOPS];
+  int nloops = 0;
+
+  while (req) {
+    struct vdb_req *next = wreq(req)->next;
+    int i;
+
+    wreq(req)->res = file_pwrite_all(w->f, req->buf, req->len, req->offset,
+                                     (req->flags & VDB_REQ_FUA) ? RWF_DSYNC : 0);
+    wreq(req)->next = NULL;
+    for (i = 0; i < nloops && loops[i] != wreq(req)->loop; i++)
+      ;
+    if (i == FILE_WRITER_LOOPS) {   /* more loops than slots: hand these back now */
+      for (int j = 0; j < nloops; j++)
+        file_writer_post(loops[j], done[j]);
+      nloops = i = 0;
+    }
+    if (i == nloops) {
+      loops[i] = wreq(req)->loop;
+      done[i] = NULL;
+      tails[i] = &done[i];
+      nloops++;
+    }
+    *tails[i] = req;
+    tails[i] = &wreq(req)->next;
+    req = next;
+  }
+  for (int j = 0; j < nloops; j++)
+    file_writer_post(loops[j], done[j]);
+}
+
+static void *file_writer_main(void *arg)
+{
+  struct file_writer *w = arg;
+
+  pthread_mutex_lock(&w->lock);
+  for (;;) {
+    struct vdb_req *list;
+
+    while (!w->head && !w->stop) {
+      w->sleeping = true;
+      pthread_cond_wait(&w->cond, &w->lock);
+      w->sleeping = false;
+    }
+    if (!w->head)
+      break;   /* stopping, and nothing is queued */
+    list = w->head;
+    w->head = w->tail = NULL;
+    pthread_mutex_unlock(&w->lock);
+    file_writer_run(w, list);
+    pthread_mutex_lock(&w->lock);
+  }
+  pthread_mutex_unlock(&w->lock);
+  return NULL;
+}
+
+/* The disk's writer, started if need be; NULL if none can run. */
+static struct file_writer *file_writer_get(struct file *f)
+{
+  struct file_writer *w = atomic_load_explicit(&f->writer, memory_order_acquire);
+
+  if (w)
+    return w;
+  pthread_mutex_lock(&f->writer_lock);
+  w = atomic_load_explicit(&f->writer, memory_order_relaxed);
+  if (!w && !f->writer_failed && getenv(FILE_WRITER_ENV) && strcmp(getenv(FILE_WRITER_ENV), "0") == 0)
+    f->writer_failed = true;   /* told not to: through io_uring */
+  else if (!w && !f->writer_failed) {
+    w = calloc(1, sizeof *w);
+    if (w) {
+      w->f = f;
+      pthread_mutex_init(&w->lock, NULL);
+      pthread_cond_init(&w->cond, NULL);
+      if (pthread_create(&w->thread, NULL, file_writer_main, w) == 0) {
+        pthread_setname_np(w->thread, "vdbus-fwrite");
+        atomic_store_explicit(&f->writer, w, memory_order_release);
+      } else {
+        pthread_cond_destroy(&w->cond);
+        pthread_mutex_destroy(&w->lock);
+        free(w);
+        w = NULL;
+      }
+    }
+    if (!w) {
+      f->writer_failed = true;
+      vdb_warn("file backend: cannot start a writer thread; writes go through io_uring");
+    }
+  }
+  pthread_mutex_unlock(&f->writer_lock);
+  return w;
+}
+
+/* Queue req to the writer; false if there is none (the caller writes it
+ * another way).  On a loop thread only. */
+static bool file_writer_queue(struct file *f, struct vdb_req *req)
+{
+  struct vdb_loop *loop = vdb_loop_current();
+  struct file_writer *w;
+  bool wake;
+
+  if (!loop || !(w = file_writer_get(f)))
+    return false;
+  wreq(req)->next = NULL;
+  wreq(req)->loop = loop;
+  pthread_mutex_lock(&w->lock);
+  if (w->tail)
+    wreq(w->tail)->next = req;
+  else
+    w->head = req;
+  w->tail = req;
+  wake = w->sleeping;
+  pthread_mutex_unlock(&w->lock);
+  if (wake)
+    pthread_cond_signal(&w->cond);
+  return true;
+}
+
+static void file_writer_stop(struct file *f)
+{
+  struct file_writer *w = atomic_load_explicit(&f->writer, memory_order_relaxed);
+
+  if (!w)
+    return;
+  pthread_mutex_lock(&w->lock);
+  w->stop = true;
+  pthread_cond_signal(&w->cond);
+  pthread_mutex_unlock(&w->lock);
+  pthread_join(w->thread, NULL);
+  pthread_cond_destroy(&w->cond);
+  pthread_mutex_destroy(&w->lock);
+  free(w);
+  atomic_store_explicit(&f->writer, NULL, memory_order_relaxed);
 }
 
 /* ---- the data path ---- */
@@ -461,7 +667,7 @@ static void file_write(void *handle, struct vdb_req *req)
    * throttling, no block allocation that must sleep). */
   if (!flags && file_try_nowait(f, req, &f->no_nowait_w, &done))
     return;
-  if (done == 0 && file_aio_start(f, req))
+  if (done == 0 && (file_writer_queue(f, req) || file_aio_start(f, req)))
     return;
   vdb_req_complete(req, file_pwrite_all(f, (uint8_t *)req->buf + done, req->len - done,
                                         req->offset + done, flags));

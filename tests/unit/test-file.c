@@ -106,6 +106,42 @@ static int sync_io(enum vdb_req_type type, uint32_t flags, uint64_t off, uint64_
   return w.errors - before;
 }
 
+/* Big writes in pieces, from a loop (to the writer thread, or through the
+ * ring) and then synchronously: what is read back is what was written, and
+ * the bytes around them are untouched. */
+static void check_big_writes(unsigned seed)
+{
+  const uint32_t R = 4u << 20, soff = 100, slen = (3u << 20) + 12345;
+  uint8_t *back = malloc(R), *prev = malloc(R);
+  bool same = true;
+  int errors = w.errors;
+
+  bigbuf = malloc(R);
+  CHECK(bigbuf && back && prev);
+  CHECK(sync_io(VDB_REQ_READ, 0, 0, R, prev, NULL, 0, NULL) == 0);
+  memcpy(bigbuf, prev, R);
+  for (int i = 0; i < 3; i++) {
+    CHECK(BIG_OFF(i) + BIG_LEN(i) <= (i < 2 ? BIG_OFF(i + 1) : R));   /* disjoint */
+    for (uint32_t k = 0; k < BIG_LEN(i); k++)
+      bigbuf[BIG_OFF(i) + k] = (uint8_t)(k * 31 + (k >> 12) + 7 * i + seed);
+  }
+  run_on_loop(submit_big, NULL, 3);
+  CHECK(w.errors == errors);
+  CHECK(sync_io(VDB_REQ_READ, 0, 0, R, back, NULL, 0, NULL) == 0);
+  CHECK(memcmp(back, bigbuf, R) == 0);
+  memcpy(prev, bigbuf, R);
+  for (uint32_t k = soff; k < soff + slen; k++)
+    bigbuf[k] ^= 0x5a;
+  CHECK(sync_io(VDB_REQ_WRITE, 0, soff, slen, bigbuf + soff, NULL, 0, NULL) == 0);
+  CHECK(sync_io(VDB_REQ_READ, 0, 0, R, back, NULL, 0, NULL) == 0);
+  for (uint32_t k = 0; k < R; k++)
+    same = same && back[k] == (k >= soff && k < soff + slen ? bigbuf[k] : prev[k]);
+  CHECK(same);
+  free(prev);
+  free(back);
+  free(bigbuf);
+}
+
 static struct vdb_disk_config file_cfg(const char *path, const char *size, bool create)
 {
   struct vdb_disk_config cfg = { .name = "f", .backend = "file", .block_size = 512, .attach = "none" };
@@ -183,39 +219,7 @@ int main(void)
   CHECK(sync_io(VDB_REQ_WRITE, VDB_REQ_FUA, SZ - 1, 1, small, NULL, 0, NULL) == 0);
   CHECK(sync_io(VDB_REQ_WRITE, 0, SZ - 1, 2, small, NULL, 0, NULL) == 1);
   CHECK(sync_io(VDB_REQ_CACHE, 0, 0, SZ, NULL, NULL, 0, NULL) == 0);
-  /* Big writes in pieces, through the ring and then synchronously: what is
-   * read back is what was written, and the bytes around them are untouched. */
-  {
-    const uint32_t R = 4u << 20, soff = 100, slen = (3u << 20) + 12345;
-    uint8_t *back = malloc(R), *prev = malloc(R);
-    bool same = true;
-    int errors = w.errors;
-
-    bigbuf = malloc(R);
-    CHECK(bigbuf && back && prev);
-    CHECK(sync_io(VDB_REQ_READ, 0, 0, R, prev, NULL, 0, NULL) == 0);
-    memcpy(bigbuf, prev, R);
-    for (int i = 0; i < 3; i++) {
-      CHECK(BIG_OFF(i) + BIG_LEN(i) <= (i < 2 ? BIG_OFF(i + 1) : R));   /* disjoint */
-      for (uint32_t k = 0; k < BIG_LEN(i); k++)
-        bigbuf[BIG_OFF(i) + k] = (uint8_t)(k * 31 + (k >> 12) + 7 * i + 1);
-    }
-    run_on_loop(submit_big, NULL, 3);
-    CHECK(w.errors == errors);
-    CHECK(sync_io(VDB_REQ_READ, 0, 0, R, back, NULL, 0, NULL) == 0);
-    CHECK(memcmp(back, bigbuf, R) == 0);
-    memcpy(prev, bigbuf, R);
-    for (uint32_t k = soff; k < soff + slen; k++)
-      bigbuf[k] ^= 0x5a;
-    CHECK(sync_io(VDB_REQ_WRITE, 0, soff, slen, bigbuf + soff, NULL, 0, NULL) == 0);
-    CHECK(sync_io(VDB_REQ_READ, 0, 0, R, back, NULL, 0, NULL) == 0);
-    for (uint32_t k = 0; k < R; k++)
-      same = same && back[k] == (k >= soff && k < soff + slen ? bigbuf[k] : prev[k]);
-    CHECK(same);
-    free(prev);
-    free(back);
-    free(bigbuf);
-  }
+  check_big_writes(1);
   vdb_disk_put(disk);
   CHECK(vdb_bus_unplug("f", false) == 0);
 
@@ -240,6 +244,17 @@ int main(void)
   vdb_disk_put(disk);
   CHECK(vdb_bus_unplug("f", false) == 0);
   vdb_params_clear(&cfg.params);
+
+  /* The same big writes with no writer thread: through the loop's ring,
+   * piece after piece. */
+  setenv("VDBUS_FILE_WRITER", "0", 1);
+  cfg = file_cfg(path, NULL, false);
+  CHECK(vdb_bus_plug(&cfg, &disk) == 0);
+  check_big_writes(2);
+  vdb_disk_put(disk);
+  CHECK(vdb_bus_unplug("f", false) == 0);
+  vdb_params_clear(&cfg.params);
+  unsetenv("VDBUS_FILE_WRITER");
 
   /* Not a regular file or block device. */
   cfg = file_cfg("/var/tmp", NULL, false);
