@@ -5,9 +5,12 @@
  * block status comes from SEEK_DATA/SEEK_HOLE.  The file is locked with
  * flock() (exclusive read-write, shared read-only) so two disks or two
  * daemons cannot open one file read-write.  A file we may only read plugs
- * read-only.  Reads, writes and flushes are asynchronous (io_uring of the
- * calling event loop) when called on a loop thread, and synchronous on other
- * threads (FUSE); the rarer operations are synchronous. */
+ * read-only.  On a loop thread, reads and writes the page cache takes at
+ * once (RWF_NOWAIT) are done inline; other reads and flushes go through the
+ * loop's io_uring, other writes to the disk's writer thread (below).  On
+ * other threads (FUSE) they are synchronous; the rarer operations are
+ * synchronous everywhere.  Writes go into the page cache in pieces of at
+ * most FILE_WRITE_CHUNK. */
 #include <errno.h>
 #include <stdatomic.h>
 #include <fcntl.h>
