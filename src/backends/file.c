@@ -556,11 +556,6 @@ static bool file_resident(struct file *f, uint64_t off, uint64_t len)
   return true;
 }
 
-/* On an event loop, a read or write the page cache serves without waiting
- * (RWF_NOWAIT) is done right here: cheaper than a trip through the ring and
- * back through epoll.  True when req is complete, or its rest (after a
- * partial transfer) is on the ring; else *done bytes are done and the caller
- * does the rest.  *unsupported latches the filesystem's EOPNOTSUPP. */
 /* A write with RWF_NOWAIT, in FILE_WRITE_CHUNK pieces: the bytes written
  * before a piece the page cache would not take at once, or (none written)
  * -1 with errno. */
@@ -584,6 +579,11 @@ static ssize_t file_pwrite_nowait(struct file *f, const struct vdb_req *req)
   return (ssize_t)done;
 }
 
+/* On an event loop, a read or write the page cache serves without waiting
+ * (RWF_NOWAIT) is done right here: cheaper than a trip through the ring and
+ * back through epoll.  True when req is complete, or its rest (after a
+ * partial transfer) is on the ring; else *done bytes are done and the caller
+ * does the rest.  *unsupported latches the filesystem's EOPNOTSUPP. */
 static bool file_try_nowait(struct file *f, struct vdb_req *req, _Atomic bool *unsupported,
                             uint64_t *done)
 {
