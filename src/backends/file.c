@@ -56,10 +56,11 @@ struct file {
   uint64_t map_size;
   _Atomic bool no_nowait;  /* the filesystem refuses RWF_NOWAIT reads */
   _Atomic bool no_nowait_w; /* … or writes */
-  struct file_writer *_Atomic writer; /* writes off the loop (below), or NULL */
-  pthread_mutex_t writer_lock;        /* starting it */
-  bool writer_failed;
+  struct file_writer *writer; /* writes off the loop (below); NULL: read-only, or none */
 };
+
+static void file_writer_start(struct file *f);
+static void file_writer_stop(struct file *f);
 
 #define FILE_MAP_MAX_PAGES 8192   /* reads up to 32 MiB are answered from the mapping */
 
@@ -197,7 +198,8 @@ static int file_open(const struct vdb_params *params, void **handle, struct vdb_
   if (r < 0)
     goto err;
   f->can_punch = f->can_zero_range = true;
-  pthread_mutex_init(&f->writer_lock, NULL);
+  if (!f->readonly)
+    file_writer_start(f);
   /* A read-only shared mapping of the file: a READ with VDB_REQ_MAP whose
    * pages are all in the page cache is answered with a pointer into it (the
    * NBD server splices those pages into the socket).  Optional: without it
@@ -225,14 +227,11 @@ err:
   return r;
 }
 
-static void file_writer_stop(struct file *f);
-
 static void file_close(void *handle)
 {
   struct file *f = handle;
 
   file_writer_stop(f);
-  pthread_mutex_destroy(&f->writer_lock);
   if (!f->readonly)
     fdatasync(f->fd);
   if (f->map)
@@ -344,7 +343,7 @@ static bool file_aio_start(struct file *f, struct vdb_req *req)
  * loops queue their writes to it, it writes them in turn, piece by piece,
  * with pwritev2 (the filesystem takes one buffered write to a file at a
  * time anyway), and it hands each loop its finished writes back in one call
- * per batch.  Started by the first such write; stopped at close, when
+ * per batch.  Started when a writable disk opens; stopped at close, when
  * nothing is in flight. */
 
 /* Lives in req->backend_priv while the request is queued to the writer. */
@@ -451,40 +450,30 @@ static void *file_writer_main(void *arg)
   return NULL;
 }
 
-/* The disk's writer, started if need be; NULL if none can run. */
-static struct file_writer *file_writer_get(struct file *f)
+/* Start the disk's writer; without one (told not to, or it cannot start)
+ * writes go through the loop's io_uring. */
+static void file_writer_start(struct file *f)
 {
-  struct file_writer *w = atomic_load_explicit(&f->writer, memory_order_acquire);
+  const char *env = getenv(FILE_WRITER_ENV);
+  struct file_writer *w;
 
-  if (w)
-    return w;
-  pthread_mutex_lock(&f->writer_lock);
-  w = atomic_load_explicit(&f->writer, memory_order_relaxed);
-  if (!w && !f->writer_failed && getenv(FILE_WRITER_ENV) && strcmp(getenv(FILE_WRITER_ENV), "0") == 0)
-    f->writer_failed = true;   /* told not to: through io_uring */
-  else if (!w && !f->writer_failed) {
-    w = calloc(1, sizeof *w);
-    if (w) {
-      w->f = f;
-      pthread_mutex_init(&w->lock, NULL);
-      pthread_cond_init(&w->cond, NULL);
-      if (pthread_create(&w->thread, NULL, file_writer_main, w) == 0) {
-        pthread_setname_np(w->thread, "vdbus-fwrite");
-        atomic_store_explicit(&f->writer, w, memory_order_release);
-      } else {
-        pthread_cond_destroy(&w->cond);
-        pthread_mutex_destroy(&w->lock);
-        free(w);
-        w = NULL;
-      }
+  if (env && strcmp(env, "0") == 0)
+    return;
+  w = calloc(1, sizeof *w);
+  if (w) {
+    w->f = f;
+    pthread_mutex_init(&w->lock, NULL);
+    pthread_cond_init(&w->cond, NULL);
+    if (pthread_create(&w->thread, NULL, file_writer_main, w) == 0) {
+      pthread_setname_np(w->thread, "vdbus-fwrite");
+      f->writer = w;
+      return;
     }
-    if (!w) {
-      f->writer_failed = true;
-      vdb_warn("file backend: cannot start a writer thread; writes go through io_uring");
-    }
+    pthread_cond_destroy(&w->cond);
+    pthread_mutex_destroy(&w->lock);
+    free(w);
   }
-  pthread_mutex_unlock(&f->writer_lock);
-  return w;
+  vdb_warn("file backend: cannot start a writer thread; writes go through io_uring");
 }
 
 /* Queue req to the writer; false if there is none (the caller writes it
@@ -492,10 +481,10 @@ static struct file_writer *file_writer_get(struct file *f)
 static bool file_writer_queue(struct file *f, struct vdb_req *req)
 {
   struct vdb_loop *loop = vdb_loop_current();
-  struct file_writer *w;
+  struct file_writer *w = f->writer;
   bool wake;
 
-  if (!loop || !(w = file_writer_get(f)))
+  if (!loop || !w)
     return false;
   wreq(req)->next = NULL;
   wreq(req)->loop = loop;
@@ -514,7 +503,7 @@ static bool file_writer_queue(struct file *f, struct vdb_req *req)
 
 static void file_writer_stop(struct file *f)
 {
-  struct file_writer *w = atomic_load_explicit(&f->writer, memory_order_relaxed);
+  struct file_writer *w = f->writer;
 
   if (!w)
     return;
@@ -526,7 +515,7 @@ static void file_writer_stop(struct file *f)
   pthread_cond_destroy(&w->cond);
   pthread_mutex_destroy(&w->lock);
   free(w);
-  atomic_store_explicit(&f->writer, NULL, memory_order_relaxed);
+  f->writer = NULL;
 }
 
 /* ---- the data path ---- */
