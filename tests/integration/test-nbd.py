@@ -328,6 +328,54 @@ def t_file_pieces(d):
         os.rmdir(mnt)
 
 
+@case("file disk on a full filesystem (32 MiB ext4 under a 64 MiB image): the writes that find "
+      "no space fail with ENOSPC and the connection goes on; what was written before reads back, "
+      "rewrites in place and flush work, and the image holds the data after unplug", root=True)
+def t_file_full(d):
+    import nbd
+    if not have("mkfs.ext4") or not os.path.exists("/dev/loop-control"):
+        raise Skip("needs mkfs.ext4 and loop devices")
+    img, mnt = os.path.join(d.data_dir, "small.img"), os.path.join(d.data_dir, "small")
+    with open(img, "wb") as f:
+        f.truncate(32 * MiB)
+    run_ok(["mkfs.ext4", "-q", "-F", "-m", "0", img])
+    os.mkdir(mnt)
+    run_ok(["mount", "-o", "loop", img, mnt])
+    try:
+        path = os.path.join(mnt, "full.img")
+        d.plug("file", path, "--create", "--size", "64M", "--name", "full", "--attach", "none")
+        h = d.nbd("full")
+        written, err = [], None
+        for i in range(64):
+            try:
+                h.pwrite(pattern(i, MiB), i * MiB)
+            except nbd.Error as e:
+                err = getattr(errno, e.errno, e.errno) if isinstance(e.errno, str) else e.errno
+                break
+            written.append(i)
+        check(err is not None, "64 MiB of writes fit a 32 MiB filesystem")
+        eq(err, errno.ENOSPC, "the write that found the filesystem full")
+        check(len(written) >= 8, "only %d MiB written before ENOSPC" % len(written))
+        # Small writes into unallocated blocks fail the same way, on the
+        # same connection; a rewrite of allocated blocks needs no space.
+        eq(nbd_errno(h.pwrite, b"y" * 4096, 63 * MiB), errno.ENOSPC, "4 KiB into a hole")
+        h.pwrite(pattern(100, MiB), 0)
+        h.flush()
+        eq(h.pread(MiB, 0), pattern(100, MiB), "rewritten first MiB")
+        for i in written[1:]:
+            eq(h.pread(MiB, i * MiB), pattern(i, MiB), "MiB %d written before the filesystem filled" % i)
+        h.shutdown()
+        d.cli_ok("list")
+        d.cli_ok("unplug", "full")
+        with open(path, "rb") as f:
+            for i in written:
+                f.seek(i * MiB)
+                eq(f.read(MiB), pattern(100 if i == 0 else i, MiB), "image MiB %d after unplug" % i)
+    finally:
+        run(["umount", mnt])
+        os.rmdir(mnt)
+
+
 def pause_decisions(d):
     """The coalescing trial's decisions in the daemon log (-D nbd)."""
     return [ln for ln in d.log().splitlines() if "with pauses" in ln]

@@ -3,8 +3,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -21,14 +23,17 @@ struct waiter {
   pthread_cond_t cond;
   int pending;
   int errors;
+  int last_err;   /* the last request that failed: its error */
 };
-static struct waiter w = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0 };
+static struct waiter w = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0 };
 
 static void done_cb(struct vdb_req *req, int err)
 {
   pthread_mutex_lock(&w.lock);
-  if (err)
+  if (err) {
     w.errors++;
+    w.last_err = err;
+  }
   w.pending--;
   pthread_cond_broadcast(&w.cond);
   pthread_mutex_unlock(&w.lock);
@@ -142,6 +147,67 @@ static void check_big_writes(unsigned seed)
   free(bigbuf);
 }
 
+/* Runs on the loop thread: one write across LIMIT and one below it. */
+#define LIMIT (6u << 20)
+#define CROSS_OFF (LIMIT - (100u << 10) - 300u)
+#define CROSS_LEN ((1u << 20) + 7u)
+#define BELOW_OFF ((1u << 20) + 512u)
+#define BELOW_LEN ((64u << 10) + 1u)
+static struct vdb_req ereq[2];
+
+static void submit_err(void *arg)
+{
+  uint8_t *buf = arg;
+
+  ereq[0] = (struct vdb_req){ .type = VDB_REQ_WRITE, .offset = CROSS_OFF, .len = CROSS_LEN,
+                              .buf = buf + CROSS_OFF, .done = done_cb };
+  ereq[1] = (struct vdb_req){ .type = VDB_REQ_WRITE, .offset = BELOW_OFF, .len = BELOW_LEN,
+                              .buf = buf + BELOW_OFF, .done = done_cb };
+  vdb_disk_submit(disk, &ereq[0]);
+  vdb_disk_submit(disk, &ereq[1]);
+}
+
+/* A write that the filesystem refuses part-way (the file size limit here,
+ * as a full filesystem refuses with ENOSPC) fails with the filesystem's
+ * error, from a loop (writer thread or ring) and synchronously; a write
+ * beside it in the same batch succeeds, the bytes outside the failed range
+ * are as they were, and the same write succeeds once the limit is lifted. */
+static void check_write_errors(void)
+{
+  struct rlimit old, lim;
+  uint8_t *want = malloc(SZ), *back = malloc(SZ);
+  bool same = true;
+  int errors = w.errors;
+
+  CHECK(want && back);
+  CHECK(sync_io(VDB_REQ_READ, 0, 0, SZ, want, NULL, 0, NULL) == 0);
+  for (uint32_t k = 0; k < SZ; k++)
+    if ((k >= CROSS_OFF && k < CROSS_OFF + CROSS_LEN) || (k >= BELOW_OFF && k < BELOW_OFF + BELOW_LEN))
+      want[k] = (uint8_t)(k * 13 + (k >> 9) + 1);
+  CHECK(getrlimit(RLIMIT_FSIZE, &old) == 0);
+  signal(SIGXFSZ, SIG_IGN);
+  lim = old;
+  lim.rlim_cur = LIMIT;
+  CHECK(setrlimit(RLIMIT_FSIZE, &lim) == 0);
+  w.last_err = 0;
+  run_on_loop(submit_err, want, 2);
+  CHECK(w.errors == errors + 1 && w.last_err == -EFBIG);
+  w.last_err = 0;
+  CHECK(sync_io(VDB_REQ_WRITE, 0, CROSS_OFF, CROSS_LEN, want + CROSS_OFF, NULL, 0, NULL) == 1 &&
+        w.last_err == -EFBIG);
+  CHECK(setrlimit(RLIMIT_FSIZE, &old) == 0);
+  CHECK(sync_io(VDB_REQ_READ, 0, 0, SZ, back, NULL, 0, NULL) == 0);
+  for (uint32_t k = 0; k < SZ; k++)
+    same = same && (back[k] == want[k] || (k >= CROSS_OFF && k < CROSS_OFF + CROSS_LEN));
+  CHECK(same);
+  errors = w.errors;
+  run_on_loop(submit_err, want, 2);
+  CHECK(w.errors == errors);
+  CHECK(sync_io(VDB_REQ_READ, 0, 0, SZ, back, NULL, 0, NULL) == 0 && memcmp(back, want, SZ) == 0);
+  free(back);
+  free(want);
+}
+
 static struct vdb_disk_config file_cfg(const char *path, const char *size, bool create)
 {
   struct vdb_disk_config cfg = { .name = "f", .backend = "file", .block_size = 512, .attach = "none" };
@@ -220,6 +286,7 @@ int main(void)
   CHECK(sync_io(VDB_REQ_WRITE, 0, SZ - 1, 2, small, NULL, 0, NULL) == 1);
   CHECK(sync_io(VDB_REQ_CACHE, 0, 0, SZ, NULL, NULL, 0, NULL) == 0);
   check_big_writes(1);
+  check_write_errors();
   vdb_disk_put(disk);
   CHECK(vdb_bus_unplug("f", false) == 0);
 
@@ -251,6 +318,7 @@ int main(void)
   cfg = file_cfg(path, NULL, false);
   CHECK(vdb_bus_plug(&cfg, &disk) == 0);
   check_big_writes(2);
+  check_write_errors();
   vdb_disk_put(disk);
   CHECK(vdb_bus_unplug("f", false) == 0);
   vdb_params_clear(&cfg.params);
