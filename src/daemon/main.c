@@ -245,6 +245,9 @@ static int setup_signals(void)
   sigset_t set;
 
   signal(SIGPIPE, SIG_IGN);
+  /* Under a file size limit (ulimit -f) a write past it fails with EFBIG
+   * (ENOSPC to the client) rather than killing the daemon. */
+  signal(SIGXFSZ, SIG_IGN);
   sigemptyset(&set);
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGINT);

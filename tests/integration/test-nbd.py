@@ -376,6 +376,22 @@ def t_file_full(d):
         os.rmdir(mnt)
 
 
+@case("vdbusd under a file size limit (prlimit --fsize): a write past it fails with ENOSPC, "
+      "the daemon lives and the rest of the disk takes writes")
+def t_file_fsize_limit(d):
+    if not have("prlimit"):
+        raise Skip("prlimit not installed")
+    plug_file(d, "f", "16M")
+    run_ok(["prlimit", "--pid", str(d.proc.pid), "--fsize=%d:" % (8 * MiB)])
+    h = d.nbd("f")
+    eq(nbd_errno(h.pwrite, b"z" * 65536, 12 * MiB), errno.ENOSPC, "a write past the size limit")
+    h.pwrite(b"a" * 65536, 4 * MiB)
+    eq(h.pread(65536, 4 * MiB), b"a" * 65536, "a write below the limit")
+    h.shutdown()
+    check(d.proc.poll() is None, "vdbusd died")
+    d.cli_ok("list")
+
+
 def pause_decisions(d):
     """The coalescing trial's decisions in the daemon log (-D nbd)."""
     return [ln for ln in d.log().splitlines() if "with pauses" in ln]
