@@ -546,13 +546,19 @@ def floor_table(a):
 
 
 def mark_bounds(lims, vdbus, floor, past, word):
-    """limits_report's limits [(value, text)] with a note on each that vdbus,
-    or else the least server (floor, may be None), went beyond (past(x, limit):
-    x is beyond it; word says how, in the note), and the better of the two; a
-    limit gone beyond bounds nothing."""
-    best = vdbus if floor is None or past(vdbus, floor) else floor
-    return [(c, txt + (f" ({'vdbus' if past(vdbus, c) else 'the least server'} {word} it: "
-                       "not a bound)" if past(best, c) else "")) for c, txt in lims], best
+    """limits_report's limits [(value, text, floor_counts)] as [(value, text,
+    reached)]: a note on each that vdbus, or else the least server (floor, may
+    be None; only where floor_counts: the least server serves memory, so it
+    says nothing about a limit of writing into a file), went beyond
+    (past(x, limit): x is beyond it; word says how, in the note), and reached,
+    the better of those two; a limit gone beyond bounds nothing."""
+    out = []
+    for c, txt, floor_counts in lims:
+        fl = floor if floor_counts else None
+        best = vdbus if fl is None or past(vdbus, fl) else fl
+        out.append((c, txt + (f" ({'vdbus' if past(vdbus, c) else 'the least server'} {word} it: "
+                              "not a bound)" if past(best, c) else ""), best))
+    return out
 
 
 def limits_report(a):
@@ -592,20 +598,20 @@ def limits_report(a):
                     ceil = one_job_ceiling(res, w)
                     if ceil is not None:
                         lims.append((ceil, f"fio's one thread at 100% of a core (it ran at "
-                                     f"{res['cli_util'] * 100:.0f}%): {fmt(ceil, res['unit'])}"))
+                                     f"{res['cli_util'] * 100:.0f}%): {fmt(ceil, res['unit'])}", True))
                     if name == "file" and w.startswith("1M-write") and fw:
                         mode = max(fw, key=lambda m: max(fw[m]))
                         best = max(fw[mode])
                         lims.append((best, f"socket into a file, no protocol (bench/filewrite, fastest "
-                                     f"run: {mode}): {fmt(best, 'MiB/s')}"))
+                                     f"run: {mode}): {fmt(best, 'MiB/s')}", False))
                     if fl is not None:
                         lims.append((fl[0], f"the least server (bench/minsrv) with the same fio: "
-                                     f"{fmt(fl[0], res['unit'])}"))
+                                     f"{fmt(fl[0], res['unit'])}", True))
                     if xrate is not None:
                         lims.append((xrate[0], f"the transport alone (bench/xfer, {XFER_HOW[xrate[1]]}, "
-                                     f"median): {fmt(xrate[0], 'MiB/s')}"))
-                    lims, top = mark_bounds(lims, res["vmed"], fl and fl[0], lambda x, c: x > c, "went past")
-                    over = [l for l in lims if want > l[0] >= top]
+                                     f"median): {fmt(xrate[0], 'MiB/s')}", True))
+                    lims = mark_bounds(lims, res["vmed"], fl and fl[0], lambda x, c: x > c, "went past")
+                    over = [l for l in lims if want > l[0] >= l[2]]
                     beyond_n += bool(over)
                     out.append(f"| {name} | {t} | {w} | throughput | {fmt(res['vmed'], res['unit'])} "
                                f"{res['unit']} | {fmt(want, res['unit'])} ({need:g} × peer) "
@@ -617,13 +623,13 @@ def limits_report(a):
                     lims = []
                     if fl is not None:
                         lims.append((fl[1], f"the least server (bench/minsrv) with the same fio: "
-                                     f"{fl[1]:.1f} µs/req"))
+                                     f"{fl[1]:.1f} µs/req", True))
                     if xcpu is not None:
                         end = "sender" if w.startswith("1M-read") else "receiver"
                         lims.append((xcpu[0], f"the transport alone: its {end} (the server's end; "
-                                     f"{XFER_HOW[xcpu[1]]}, median) {xcpu[0]:.0f} µs/MiB"))
-                    lims, low = mark_bounds(lims, res["vcpu"], fl and fl[1], lambda x, c: x < c, "went under")
-                    over = any(want < c <= low for c, _ in lims)
+                                     f"{XFER_HOW[xcpu[1]]}, median) {xcpu[0]:.0f} µs/MiB", True))
+                    lims = mark_bounds(lims, res["vcpu"], fl and fl[1], lambda x, c: x < c, "went under")
+                    over = any(want < c <= low for c, _, low in lims)
                     beyond_n += over
                     out.append(f"| {name} | {t} | {w} | server CPU µs/req | {res['vcpu']:.1f} "
                                f"| ≤ {want:.1f} ({cmax:g} × peer) | {'; '.join(l[1] for l in lims) or 'none'} "

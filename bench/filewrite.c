@@ -16,6 +16,11 @@
  *              socket into them, the writer splice()s them into the file (one
  *              copy, on the writer: the design for receiving file writes into
  *              the page cache)
+ *   pipelined-32k, splice-pipelined-32k  the same, the writer putting each
+ *              1 MiB into the file in 32 KiB pieces, as vdbus's file backend
+ *              does (FILE_WRITE_CHUNK) to keep the page cache's folios small
+ *              for random writes; run on an image written in 32 KiB pieces
+ *              (a new file), so that its folios are that size
  *
  * Prints MiB/s and the CPU time per MiB of the receiving side (and of the
  * writer thread, pipelined).  Not run by bench/all (it needs an image on the
@@ -25,6 +30,10 @@
  *   truncate -s 4G /var/tmp/fw.img && dd if=/dev/zero of=/var/tmp/fw.img bs=1M \
  *     count=4096 conv=notrunc && sync
  *   for m in copy splice pipelined splice-pipelined; do
+ *     /tmp/filewrite $m /var/tmp/fw.img 5; done
+ *   rm /var/tmp/fw.img && dd if=/dev/zero of=/var/tmp/fw.img bs=32k \
+ *     count=131072 && sync
+ *   for m in pipelined-32k splice-pipelined-32k; do
  *     /tmp/filewrite $m /var/tmp/fw.img 5; done
  */
 #define _GNU_SOURCE
@@ -54,6 +63,7 @@ static atomic_bool stop;
 static char *bufs[NBUF];
 static int pipes[NBUF][2];    /* splice-pipelined: instead of bufs */
 static bool use_pipes;
+static size_t piece = MiB;    /* what the writer puts into the file per call */
 static uint64_t head, tail;   /* under mu */
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
@@ -114,8 +124,9 @@ static void recv_all(char *b)
 
 static void write_all(const char *b, uint64_t off)
 {
-  if (pwrite(fd, b, MiB, (off_t)off) != (ssize_t)MiB)
-    die("pwrite");
+  for (size_t o = 0; o < MiB; o += piece)
+    if (pwrite(fd, b + o, piece, (off_t)(off + o)) != (ssize_t)piece)
+      die("pwrite");
 }
 
 static void one_copy(char *buf, uint64_t off)
@@ -139,7 +150,7 @@ static void splice_out(int p[2], uint64_t off)
   loff_t o = (loff_t)off;
 
   for (size_t left = MiB; left > 0;) {
-    ssize_t n = splice(p[0], NULL, fd, &o, left, SPLICE_F_MOVE);
+    ssize_t n = splice(p[0], NULL, fd, &o, left < piece ? left : piece, SPLICE_F_MOVE);
     if (n <= 0)
       die("splice into the file");
     left -= (size_t)n;
@@ -213,8 +224,13 @@ int main(int argc, char **argv)
   double secs, t0, c0, el, cpu;
 
   if (argc != 4 || (secs = atof(argv[3])) <= 0) {
-    fprintf(stderr, "usage: %s copy|splice|pipelined|splice-pipelined FILE SECONDS\n", argv[0]);
+    fprintf(stderr, "usage: %s copy|splice|pipelined|splice-pipelined[-32k] FILE SECONDS\n",
+            argv[0]);
     return 2;
+  }
+  if (strstr(argv[1], "pipelined-32k") && strlen(strstr(argv[1], "pipelined-32k")) == 13) {
+    piece = 32u << 10;
+    argv[1][strlen(argv[1]) - 4] = '\0';
   }
   if (strcmp(argv[1], "copy") == 0)
     mode = COPY;
@@ -225,7 +241,7 @@ int main(int argc, char **argv)
   else if (strcmp(argv[1], "splice-pipelined") == 0)
     mode = PIPELINED, use_pipes = true;
   else {
-    fprintf(stderr, "%s: unknown mode '%s' (copy, splice, pipelined or splice-pipelined)\n",
+    fprintf(stderr, "%s: unknown mode '%s' (copy, splice, pipelined, splice-pipelined, pipelined-32k or splice-pipelined-32k)\n",
             argv[0], argv[1]);
     return 2;
   }
@@ -278,7 +294,8 @@ int main(int argc, char **argv)
   shutdown(sv[1], SHUT_RDWR);
   pthread_join(st, NULL);
   if (mode == PIPELINED)
-    printf("%s: %.0f MiB/s, receiver %.1f + writer %.1f us CPU per MiB\n", argv[1],
+    printf("%s%s: %.0f MiB/s, receiver %.1f + writer %.1f us CPU per MiB\n", argv[1],
+           piece < MiB ? "-32k" : "",
            (double)mib / el, cpu / (double)mib * 1e6, writer_cpu / (double)mib * 1e6);
   else
     printf("%s: %.0f MiB/s, receiver %.1f us CPU per MiB\n", argv[1], (double)mib / el,
