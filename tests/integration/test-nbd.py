@@ -12,7 +12,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vdbtest import nbd_errno, pattern  # noqa: E402
+from vdbtest import nbd_errno, nbd_error_errno, pattern  # noqa: E402
 from vdbtest import (VDBUSD, Daemon, Skip, case, check, eq, fail, main, run, run_ok, have,  # noqa: E402
                      wait_for, sha256_file, is_root)
 import nbd  # noqa: E402  (python3-libnbd; run with /usr/bin/python3)
@@ -350,7 +350,7 @@ def t_file_full(d):
             try:
                 h.pwrite(pattern(i, MiB), i * MiB)
             except nbd.Error as e:
-                err = getattr(errno, e.errno, e.errno) if isinstance(e.errno, str) else e.errno
+                err = nbd_error_errno(e)
                 break
             written.append(i)
         check(err is not None, "64 MiB of writes fit a 32 MiB filesystem")

@@ -788,14 +788,19 @@ def wait_for(pred, timeout=10, interval=0.05, what="condition"):
     fail("timed out after %ss waiting for %s" % (timeout, what))
 
 
+def nbd_error_errno(e):
+    """The errno of an nbd.Error, as a number (python3-libnbd 1.14 gives a
+    name such as "EINVAL")."""
+    return getattr(errno, e.errno, e.errno) if isinstance(e.errno, str) else e.errno
+
+
 def nbd_errno(fn, *args, **kw):
     """Call fn; return the errno of the nbd.Error it raises (fail if it succeeds)."""
     import nbd
     try:
         fn(*args, **kw)
     except nbd.Error as e:
-        # python3-libnbd 1.14 gives the errno as a name ("EINVAL")
-        return getattr(errno, e.errno, e.errno) if isinstance(e.errno, str) else e.errno
+        return nbd_error_errno(e)
     fail("%s%r succeeded, expected an error" % (getattr(fn, "__name__", fn), args))
 
 
