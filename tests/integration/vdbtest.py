@@ -813,8 +813,3 @@ def pattern(seed, n):
         out += hashlib.sha256(b"%d:%d" % (seed, i)).digest()
         i += 1
     return bytes(out[:n])
-
-
-def nbd_error_errno(e):
-    """errno of a libnbd nbd.Error (or None)."""
-    return getattr(e, "errno", None)
