@@ -11,13 +11,13 @@
  *              one copy: the page cache's)
  *   pipelined  a receiver thread recv()s into 8 buffers, a writer thread
  *              pwrite()s them (two copies on two threads, as vdbus's loop
- *              thread and its io_uring worker do)
+ *              thread and its file disk's writer thread do)
  *   splice-pipelined  the same with 8 pipes: the receiver splice()s the
  *              socket into them, the writer splice()s them into the file (one
  *              copy, on the writer: the design for receiving file writes into
  *              the page cache)
- *   pipelined-32k, splice-pipelined-32k  the same, the writer putting each
- *              1 MiB into the file in 32 KiB pieces, as vdbus's file backend
+ *   MODE-32k   any of these with the file written in 32 KiB pieces (the
+ *              writer putting each 1 MiB in 32 pieces), as vdbus's file backend
  *              does (FILE_WRITE_CHUNK) to keep the page cache's folios small
  *              for random writes; run on an image written in 32 KiB pieces
  *              (a new file), so that its folios are that size
@@ -222,15 +222,18 @@ int main(int argc, char **argv)
   int p[2] = { -1, -1 };
   uint64_t off = 0, mib = 0;
   double secs, t0, c0, el, cpu;
+  const char *sfx = "";
+  size_t n;
 
   if (argc != 4 || (secs = atof(argv[3])) <= 0) {
     fprintf(stderr, "usage: %s copy|splice|pipelined|splice-pipelined[-32k] FILE SECONDS\n",
             argv[0]);
     return 2;
   }
-  if (strstr(argv[1], "pipelined-32k") && strlen(strstr(argv[1], "pipelined-32k")) == 13) {
+  if ((n = strlen(argv[1])) > 4 && strcmp(argv[1] + n - 4, "-32k") == 0) {
     piece = 32u << 10;
-    argv[1][strlen(argv[1]) - 4] = '\0';
+    sfx = "-32k";
+    argv[1][n - 4] = '\0';
   }
   if (strcmp(argv[1], "copy") == 0)
     mode = COPY;
@@ -241,8 +244,8 @@ int main(int argc, char **argv)
   else if (strcmp(argv[1], "splice-pipelined") == 0)
     mode = PIPELINED, use_pipes = true;
   else {
-    fprintf(stderr, "%s: unknown mode '%s' (copy, splice, pipelined, splice-pipelined, pipelined-32k or splice-pipelined-32k)\n",
-            argv[0], argv[1]);
+    fprintf(stderr, "%s: unknown mode '%s%s' (copy, splice, pipelined or splice-pipelined, "
+            "each optionally with -32k)\n", argv[0], argv[1], sfx);
     return 2;
   }
   if ((fd = open(argv[2], O_WRONLY)) < 0 || fstat(fd, &sb) < 0)
@@ -294,11 +297,10 @@ int main(int argc, char **argv)
   shutdown(sv[1], SHUT_RDWR);
   pthread_join(st, NULL);
   if (mode == PIPELINED)
-    printf("%s%s: %.0f MiB/s, receiver %.1f + writer %.1f us CPU per MiB\n", argv[1],
-           piece < MiB ? "-32k" : "",
+    printf("%s%s: %.0f MiB/s, receiver %.1f + writer %.1f us CPU per MiB\n", argv[1], sfx,
            (double)mib / el, cpu / (double)mib * 1e6, writer_cpu / (double)mib * 1e6);
   else
-    printf("%s: %.0f MiB/s, receiver %.1f us CPU per MiB\n", argv[1], (double)mib / el,
+    printf("%s%s: %.0f MiB/s, receiver %.1f us CPU per MiB\n", argv[1], sfx, (double)mib / el,
            cpu / (double)mib * 1e6);
   return 0;
 }
