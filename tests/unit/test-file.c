@@ -111,6 +111,11 @@ static int sync_io(enum vdb_req_type type, uint32_t flags, uint64_t off, uint64_
   return w.errors - before;
 }
 
+static bool in(uint32_t k, uint64_t off, uint64_t len)
+{
+  return k >= off && k < off + len;
+}
+
 /* Big writes in pieces, from a loop (to the writer thread, or through the
  * ring) and then synchronously: what is read back is what was written, and
  * the bytes around them are untouched. */
@@ -140,7 +145,7 @@ static void check_big_writes(unsigned seed)
   CHECK(sync_io(VDB_REQ_WRITE, 0, soff, slen, bigbuf + soff, NULL, 0, NULL) == 0);
   CHECK(sync_io(VDB_REQ_READ, 0, 0, R, back, NULL, 0, NULL) == 0);
   for (uint32_t k = 0; k < R; k++)
-    same = same && back[k] == (k >= soff && k < soff + slen ? bigbuf[k] : prev[k]);
+    same = same && back[k] == (in(k, soff, slen) ? bigbuf[k] : prev[k]);
   CHECK(same);
   free(prev);
   free(back);
@@ -182,7 +187,7 @@ static void check_write_errors(void)
   CHECK(want && back);
   CHECK(sync_io(VDB_REQ_READ, 0, 0, SZ, want, NULL, 0, NULL) == 0);
   for (uint32_t k = 0; k < SZ; k++)
-    if ((k >= CROSS_OFF && k < CROSS_OFF + CROSS_LEN) || (k >= BELOW_OFF && k < BELOW_OFF + BELOW_LEN))
+    if (in(k, CROSS_OFF, CROSS_LEN) || in(k, BELOW_OFF, BELOW_LEN))
       want[k] = (uint8_t)(k * 13 + (k >> 9) + 1);
   CHECK(getrlimit(RLIMIT_FSIZE, &old) == 0);
   signal(SIGXFSZ, SIG_IGN);
@@ -198,7 +203,7 @@ static void check_write_errors(void)
   CHECK(setrlimit(RLIMIT_FSIZE, &old) == 0);
   CHECK(sync_io(VDB_REQ_READ, 0, 0, SZ, back, NULL, 0, NULL) == 0);
   for (uint32_t k = 0; k < SZ; k++)
-    same = same && (back[k] == want[k] || (k >= CROSS_OFF && k < CROSS_OFF + CROSS_LEN));
+    same = same && (back[k] == want[k] || in(k, CROSS_OFF, CROSS_LEN));
   CHECK(same);
   errors = w.errors;
   run_on_loop(submit_err, want, 2);
