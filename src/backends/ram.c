@@ -20,9 +20,7 @@
 
 #include <vdbus/backend.h>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "common/copy.h"
 
 #define RAM_PAGE 4096u
 #define RAM_MAX_SIZE (1ull << 46) /* 64 TiB of address space */
@@ -119,44 +117,14 @@ static void ram_mark(struct ram *r, uint64_t off, uint64_t len)
     bit_set(r, pg);
 }
 
-/* Copy a write's payload into the disk.  A write lands on pages that are
- * almost never in the cache (a client keeps its own cache of what it
- * wrote), so from RAM_STREAM_MIN bytes up it is stored with non-temporal
- * stores: no read-for-ownership of every cache line, and the server's hot
- * data stays in the cache.  Measured on random 4 KiB writes over 4 GiB:
- * 650 -> 400 ns per copy alone, 6% of the server's CPU per request
- * (docs/performance.md).  Payloads of 64 KiB and more are received in place
- * (ram_write_direct) and never come here. */
-#define RAM_STREAM_MIN 4096u
-static void ram_copy_in(uint8_t *dst, const uint8_t *src, size_t len)
-{
-#if defined(__x86_64__)
-  if (len >= RAM_STREAM_MIN) {
-    size_t head = -(uintptr_t)dst & 15;
-
-    memcpy(dst, src, head);
-    dst += head, src += head, len -= head;
-    for (; len >= 64; dst += 64, src += 64, len -= 64) {
-      __m128i a = _mm_loadu_si128((const __m128i *)src);
-      __m128i b = _mm_loadu_si128((const __m128i *)src + 1);
-      __m128i c = _mm_loadu_si128((const __m128i *)src + 2);
-      __m128i d = _mm_loadu_si128((const __m128i *)src + 3);
-      _mm_stream_si128((__m128i *)dst, a);
-      _mm_stream_si128((__m128i *)dst + 1, b);
-      _mm_stream_si128((__m128i *)dst + 2, c);
-      _mm_stream_si128((__m128i *)dst + 3, d);
-    }
-    _mm_sfence();
-  }
-#endif
-  memcpy(dst, src, len);
-}
-
+/* Writes land on pages that are not in the cache: streaming stores.  An NBD
+ * WRITE usually comes through ram_write_direct, from the connection's
+ * input buffer or the socket; this is everyone else (loop, ublk, layers). */
 static void ram_write(void *handle, struct vdb_req *req)
 {
   struct ram *r = handle;
 
-  ram_copy_in(r->base + req->offset, req->buf, req->len);
+  vdb_copy_stream(r->base + req->offset, req->buf, req->len);
   ram_mark(r, req->offset, req->len);
   vdb_req_complete(req, 0);
 }

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include "common/copy.h"
 #include "common/log.h"
 #include "frontends/nbd/nbd-internal.h"
 #include "frontends/nbd/nbd-proto.h"
@@ -406,7 +407,7 @@ static void tx_request(struct nbd_conn *c, uint16_t flags, uint16_t cmd, uint64_
   c->rx_reqs++;
   r->cmd = cmd;
   r->cflags = flags;
-  r->direct = cmd == NBD_CMD_WRITE && len >= NBD_SPLICE_MIN;
+  r->direct = cmd == NBD_CMD_WRITE;   /* tried where the backend offers it */
   r->direct_len = 0;
   r->cookie = cookie;
   r->offset = offset;
@@ -441,10 +442,11 @@ static void tx_request(struct nbd_conn *c, uint16_t flags, uint16_t cmd, uint64_
   tx_submit(c, r);
 }
 
-/* write_direct fillers: from the input buffer (arg), and from the socket. */
+/* write_direct fillers: from the input buffer (arg), and from the socket.
+ * The disk's pages a write lands on are not in the cache: streaming stores. */
 static ssize_t fill_mem(void *dst, size_t len, void *arg)
 {
-  memcpy(dst, arg, len);
+  vdb_copy_stream(dst, arg, len);
   return (ssize_t)len;
 }
 
@@ -485,7 +487,11 @@ ssize_t nbd_tx_recv_direct(struct nbd_conn *c, size_t want)
 }
 
 /* Copy what rbuf holds of the pending WRITE's data; submit it when whole.
- * Returns true when the caller can go on parsing. */
+ * A backend with write_direct (the RAM disk) takes it straight from rbuf:
+ * a large payload piece by piece as it arrives, a small one only when it
+ * is all there (otherwise its rest would be a recv of its own into the
+ * disk).  Either way one copy, not two through r->buf.  Returns true when
+ * the caller can go on parsing. */
 static bool tx_payload(struct nbd_conn *c)
 {
   struct nbd_req *r = c->payload_req;
@@ -493,6 +499,8 @@ static bool tx_payload(struct nbd_conn *c)
   uint64_t need = r->len - c->payload_got;
   size_t n = avail < need ? avail : (size_t)need;
 
+  if (r->direct && r->len < NBD_SPLICE_MIN && n < r->len)
+    r->direct = false;
   if (r->direct && n > 0) {
     ssize_t k = vdb_disk_write_direct(c->disk, r->offset + c->payload_got, n, c->payload_got == 0,
                                       fill_mem, c->rbuf + c->rstart);
