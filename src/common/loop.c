@@ -34,6 +34,7 @@ struct vdb_loop {
   struct epoll_event *batch;       /* events being dispatched (vdb_loop_run) */
   int batch_n;
   unsigned nap_us;                 /* pause asked for this round (vdb_loop_nap) */
+  unsigned poll_us;                /* polling asked for this round (vdb_loop_poll) */
 };
 
 #define LOOP_RING_ENTRIES 256
@@ -370,9 +371,28 @@ static void loop_nap(struct vdb_loop *loop)
     ;
 }
 
+void vdb_loop_poll(struct vdb_loop *loop, unsigned us)
+{
+  if (us > loop->poll_us)
+    loop->poll_us = us;
+}
+
+/* Poll for events for up to us microseconds: their number, or 0. */
+static int loop_poll(struct vdb_loop *loop, struct epoll_event *evs, int max, unsigned us)
+{
+  uint64_t end = vdb_now_ns() + (uint64_t)us * 1000;
+  int n;
+
+  do
+    n = epoll_wait(loop->epfd, evs, max, 0);
+  while (n == 0 && !loop->stop && vdb_now_ns() < end);
+  return n;
+}
+
 int vdb_loop_run(struct vdb_loop *loop)
 {
   struct epoll_event evs[64];
+  unsigned poll_us = 0;
 
   current_loop = loop;
   /* The pauses of vdb_loop_nap are tens of microseconds: the default timer
@@ -383,7 +403,9 @@ int vdb_loop_run(struct vdb_loop *loop)
 
     if (loop->ring && io_uring_sq_ready(loop->ring) > 0)
       io_uring_submit(loop->ring);
-    n = epoll_wait(loop->epfd, evs, 64, loop_timeout_ms(loop));
+    n = poll_us ? loop_poll(loop, evs, 64, poll_us) : 0;
+    if (n == 0)
+      n = epoll_wait(loop->epfd, evs, 64, loop_timeout_ms(loop));
     if (n < 0) {
       if (errno == EINTR)
         continue;
@@ -400,6 +422,8 @@ int vdb_loop_run(struct vdb_loop *loop)
     loop->batch_n = 0;
     loop_fire_timers(loop);
     loop_nap(loop);
+    poll_us = loop->poll_us;
+    loop->poll_us = 0;
   }
   loop_run_calls(loop);
   loop->stop = false;

@@ -52,6 +52,14 @@ int vdb_loop_post(struct vdb_loop *loop, void (*fn)(void *arg), void *arg);
  * round wins).  A pause delays every watch of the loop by at most us. */
 void vdb_loop_nap(struct vdb_loop *loop, unsigned us);
 
+/* Polling: ask loop to look for new events without sleeping for up to us
+ * microseconds once this round is handled (and its pause taken), before it
+ * sleeps in epoll_wait: for a peer whose next request comes sooner than a
+ * sleeping thread (and its idle CPU) wakes up.  Burns the CPU for that
+ * long at most; the longest request of the round wins.  Timers fire at the
+ * end of the round in which they fall due, so by at most us late. */
+void vdb_loop_poll(struct vdb_loop *loop, unsigned us);
+
 /* Run until vdb_loop_stop().  Returns 0 or -errno. */
 int vdb_loop_run(struct vdb_loop *loop);
 void vdb_loop_stop(struct vdb_loop *loop); /* any thread */

@@ -5,6 +5,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -393,8 +394,11 @@ def t_file_fsize_limit(d):
 
 
 def pause_decisions(d):
-    """The coalescing trial's decisions in the daemon log (-D nbd)."""
-    return [ln for ln in d.log().splitlines() if "with pauses" in ln]
+    """The coalescing/polling trial's decisions in the daemon log (-D nbd)."""
+    return [ln for ln in d.log().splitlines() if ": trial: plain " in ln]
+
+
+DECISIONS = (": plain", ": pausing", ": polling")
 
 
 @case("coalescing (--coalesce-us): each client's pause trial is decided and logged; a QD1 "
@@ -416,7 +420,7 @@ def t_coalesce(d):
     h.shutdown()
     first = pause_decisions(d)
     check(first, "no pause trial decision logged after %d QD1 requests in 1.5 s" % n)
-    check(all(ln.endswith(": not pausing") for ln in first),
+    check(all(ln.endswith(DECISIONS) and not ln.endswith(": pausing") for ln in first),
           "a QD1 client was paused:\n  " + "\n  ".join(first))
     # Many requests in flight for 3 s: the trial runs (and may pause); the
     # data stays right whichever it decides.
@@ -431,7 +435,7 @@ def t_coalesce(d):
     later = pause_decisions(d)[len(first):]
     check(later, "no pause trial decision logged for 6 s of QD32 fio")
     for ln in later:
-        check(ln.endswith(": pausing") or ln.endswith(": not pausing"), "decision line %r" % ln)
+        check(ln.endswith(DECISIONS), "decision line %r" % ln)
     fio_verify(d, d.uri("p"), "coalesce-unix")
     fio_verify(d, "nbd://127.0.0.1:%d/p" % d.port, "coalesce-tcp")
     src = os.path.join(d.data_dir, "src.img")
@@ -445,14 +449,60 @@ def t_coalesce(d):
     h.shutdown()
 
 
-@case("vdbusd --coalesce-us: values outside 0-1000 are usage errors", daemon=False)
+@case("vdbusd --coalesce-us / --poll-us: values outside 0-1000 are usage errors", daemon=False)
 def t_coalesce_usage():
-    for bad in ["-1", "1001", "abc", "", "20us"]:
-        rc, out, err = run([VDBUSD, "--coalesce-us", bad, "--run-dir", "/nonexistent/x",
-                            "--state-dir", "/nonexistent/y", "-f"])
-        eq(rc, 2, "exit status of vdbusd --coalesce-us %r" % bad)
-        check("--coalesce-us takes microseconds from 0 to 1000" in err,
-              "error text for --coalesce-us %r: %r" % (bad, err))
+    for opt in ["--coalesce-us", "--poll-us"]:
+        for bad in ["-1", "1001", "abc", "", "20us"]:
+            rc, out, err = run([VDBUSD, opt, bad, "--run-dir", "/nonexistent/x",
+                                "--state-dir", "/nonexistent/y", "-f"])
+            eq(rc, 2, "exit status of vdbusd %s %r" % (opt, bad))
+            check("%s takes microseconds from 0 to 1000" % opt in err,
+                  "error text for %s %r: %r" % (opt, bad, err))
+
+
+@case("polling (--poll-us): the trial compares plain and polling slots for a QD1 client "
+      "(its rates and CPU logged) and decides; data stays right while polling", timeout=300,
+      extra=["--coalesce-us", "0", "--poll-us", "200", "-D", "nbd"])
+def t_poll(d):
+    d.plug("ram", "--size", "32M", "--name", "p", "--attach", "none")
+    h = d.nbd("p")
+    data = pattern(11, MiB)
+    h.pwrite(data, 0)
+    n, t0 = 0, time.time()
+    while time.time() - t0 < 2:
+        off = (n * 7 % 256) * 4096
+        if n % 2:
+            h.pwrite(data[off:off + 4096], off)
+        else:
+            eq(h.pread(4096, off), data[off:off + 4096], "QD1 read %d" % n)
+        n += 1
+    h.shutdown()
+    lines = pause_decisions(d)
+    check(lines, "no trial decision logged after %d QD1 requests in 2 s" % n)
+    for ln in lines:
+        # pausing is off: never chosen, its slots never run
+        check(ln.endswith((": plain", ": polling")), "decision line %r" % ln)
+        check("with pauses 0 in 0 us (0 us CPU)" in ln, "pause slots ran: %r" % ln)
+        m = re.search(r"plain (\d+) requests in (\d+) us .* polling (\d+) in (\d+) us", ln)
+        check(m and int(m.group(2)) > 0 and int(m.group(4)) > 0,
+              "plain and polling slots both measured: %r" % ln)
+    if not have("fio"):
+        raise Skip("fio not installed")
+    fio_verify(d, d.uri("p"), "poll-unix")
+    fio_verify(d, "nbd://127.0.0.1:%d/p" % d.port, "poll-tcp")
+
+
+@case("--coalesce-us 0 --poll-us 0: no trial is run", extra=["--coalesce-us", "0",
+                                                              "--poll-us", "0", "-D", "nbd"])
+def t_no_trial(d):
+    d.plug("ram", "--size", "8M", "--name", "p", "--attach", "none")
+    h = d.nbd("p")
+    n, t0 = 0, time.time()
+    while time.time() - t0 < 1.5:
+        h.pread(4096, (n % 64) * 4096)
+        n += 1
+    h.shutdown()
+    eq(pause_decisions(d), [], "trial decisions with both modes off")
 
 
 @case("file disk: data written over NBD is in the file; FUA and flush")

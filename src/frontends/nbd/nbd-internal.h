@@ -150,16 +150,16 @@ struct nbd_conn {
   /* Coalescing (conn_coalesce). */
   unsigned rx_reqs;             /* requests parsed in this wake-up */
   bool rx_drained;              /* this wake-up emptied the socket */
-  bool nap_on;                  /* pausing after wake-ups now */
-  uint8_t nap_slot;             /* trial slot 1..NBD_NAP_SLOTS, 0 = a run */
-  uint8_t nap_backoff;          /* trials in a row that pauses lost (0-6) */
+  uint8_t nap_mode;             /* NBD_MODE_*: what follows each wake-up now */
+  uint8_t nap_slot;             /* trial slot 1..nap_slots, 0 = a run */
+  uint8_t nap_backoff;          /* trials in a row that plain won (0-6) */
   unsigned nap_reqs;            /* requests so far in this slot or run */
   uint64_t nap_t0;              /* when it began (ns) */
   uint64_t nap_cpu0;            /* this thread's CPU time then (ns) */
   uint64_t nap_len_ns;          /* how long it lasts */
-  struct nbd_nap_side {         /* the trial's slots without [0] and with [1] pauses */
+  struct nbd_nap_side {         /* the trial's slots of each mode */
     uint64_t reqs, ns, cpu_ns;
-  } nap_side[2];
+  } nap_side[3];
 
   struct nbd_conn *next, *prev; /* global list, under nbd_lock */
 
@@ -173,10 +173,15 @@ struct nbd_conn {
 
 #define NBD_SPLICE_MIN    (64u << 10)     /* mapped READ payloads this large are spliced */
 #define NBD_COALESCE_US   40              /* default pause for a busy client (conn_coalesce) */
-#define NBD_NAP_SLOT_NS   10000000ull     /* a trial slot, without or with pauses */
-#define NBD_NAP_SLOTS     8               /* slots per trial, alternating */
+#define NBD_POLL_US       50              /* default polling for a quick client (conn_coalesce) */
+/* What a connection's worker thread does after a wake-up of it. */
+enum { NBD_MODE_PLAIN, NBD_MODE_PAUSE, NBD_MODE_POLL };
+#define NBD_NAP_SLOT_NS   10000000ull     /* a trial slot, in one mode */
+#define NBD_NAP_ROUNDS    4               /* slots per mode in a trial, the modes taking turns */
 #define NBD_NAP_RUN_NS    1000000000ull   /* between trials (×2 per trial lost, to 64×) */
 #define NBD_NAP_MIN_REQS  400             /* fewer without pauses: they cannot matter */
+#define NBD_POLL_MIN_REQS 40              /* fewer in plain slots: too few to judge polling */
+#define NBD_POLL_GAIN     110             /* polling must raise the rate to this % */
 #define NBD_DRAIN_MS      5000            /* a closing connection's time to take its replies */
 #define NBD_SNDBUF        (4u << 20)      /* Unix socket send buffer asked for */
 #define NBD_PIPE_SIZE     (1u << 20)      /* pipe capacity asked for */

@@ -13,6 +13,7 @@ struct vdb_nbd_settings {
   unsigned handshake_timeout_ms;   /* default 10000 */
   unsigned max_connections;        /* default 256 */
   unsigned coalesce_us;            /* pause for a busy client, 0 = never (default NBD_COALESCE_US) */
+  unsigned poll_us;                /* poll for a quick client, 0 = never (default NBD_POLL_US) */
 };
 extern struct vdb_nbd_settings vdb_nbd_settings;
 
