@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <liburing.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -377,15 +378,16 @@ void vdb_loop_poll(struct vdb_loop *loop, unsigned us)
     loop->poll_us = us;
 }
 
-/* Poll for events for up to us microseconds: their number, or 0. */
+/* Poll for events for up to us microseconds: their number, or 0.  Between
+ * looks the CPU is offered to any other thread that is ready to run on it
+ * (a client on the same CPU, whose request we are waiting for). */
 static int loop_poll(struct vdb_loop *loop, struct epoll_event *evs, int max, unsigned us)
 {
   uint64_t end = vdb_now_ns() + (uint64_t)us * 1000;
   int n;
 
-  do
-    n = epoll_wait(loop->epfd, evs, max, 0);
-  while (n == 0 && !loop->stop && vdb_now_ns() < end);
+  while ((n = epoll_wait(loop->epfd, evs, max, 0)) == 0 && !loop->stop && vdb_now_ns() < end)
+    sched_yield();
   return n;
 }
 
