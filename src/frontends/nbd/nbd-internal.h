@@ -151,7 +151,7 @@ struct nbd_conn {
   unsigned rx_reqs;             /* requests parsed in this wake-up */
   bool rx_drained;              /* this wake-up emptied the socket */
   uint8_t nap_mode;             /* NBD_MODE_*: what follows each wake-up now */
-  uint8_t nap_slot;             /* trial slot 1..nap_slots, 0 = a run */
+  uint8_t nap_slot;             /* trial slot 1..modes × NBD_NAP_ROUNDS, 0 = a run */
   uint8_t nap_backoff;          /* trials in a row that plain won (0-6) */
   unsigned nap_reqs;            /* requests so far in this slot or run */
   uint64_t nap_t0;              /* when it began (ns) */
