@@ -401,6 +401,26 @@ def pause_decisions(d):
 DECISIONS = (": plain", ": pausing", ": polling")
 
 
+def qd1_requests(d, name, seed, secs, writes=False):
+    """One request at a time to export name for secs seconds on a new
+    connection: 4 KiB reads of a 1 MiB pattern written first, each checked,
+    and with writes every other request a rewrite of its block.  Returns how
+    many requests were made."""
+    h = d.nbd(name)
+    data = pattern(seed, MiB)
+    h.pwrite(data, 0)
+    n, t0 = 0, time.time()
+    while time.time() - t0 < secs:
+        off = (n * 7 % 256 if writes else n % 256) * 4096
+        if writes and n % 2:
+            h.pwrite(data[off:off + 4096], off)
+        else:
+            eq(h.pread(4096, off), data[off:off + 4096], "QD1 read %d" % n)
+        n += 1
+    h.shutdown()
+    return n
+
+
 @case("coalescing (--coalesce-us): each client's pause trial is decided and logged; a QD1 "
       "client is never paused; fio verify and qemu-img convert -W while pausing", timeout=300,
       extra=["--coalesce-us", "200", "-D", "nbd"])
@@ -409,15 +429,7 @@ def t_coalesce(d):
     # One request at a time: a 200 us pause after each would cut the rate
     # to at most 5k/s, so the trial must refuse it (or find the client too
     # slow for pauses to matter) -- either way "not pausing".
-    h = d.nbd("p")
-    data = pattern(7, MiB)
-    h.pwrite(data, 0)
-    n, t0 = 0, time.time()
-    while time.time() - t0 < 1.5:
-        off = (n % 256) * 4096
-        eq(h.pread(4096, off), data[off:off + 4096], "QD1 read %d" % n)
-        n += 1
-    h.shutdown()
+    n = qd1_requests(d, "p", 7, 1.5)
     first = pause_decisions(d)
     check(first, "no pause trial decision logged after %d QD1 requests in 1.5 s" % n)
     check(all(ln.endswith(DECISIONS) and not ln.endswith(": pausing") for ln in first),
@@ -465,18 +477,7 @@ def t_coalesce_usage():
       extra=["--coalesce-us", "0", "--poll-us", "200", "-D", "nbd"])
 def t_poll(d):
     d.plug("ram", "--size", "32M", "--name", "p", "--attach", "none")
-    h = d.nbd("p")
-    data = pattern(11, MiB)
-    h.pwrite(data, 0)
-    n, t0 = 0, time.time()
-    while time.time() - t0 < 2:
-        off = (n * 7 % 256) * 4096
-        if n % 2:
-            h.pwrite(data[off:off + 4096], off)
-        else:
-            eq(h.pread(4096, off), data[off:off + 4096], "QD1 read %d" % n)
-        n += 1
-    h.shutdown()
+    n = qd1_requests(d, "p", 11, 2, writes=True)
     lines = pause_decisions(d)
     check(lines, "no trial decision logged after %d QD1 requests in 2 s" % n)
     for ln in lines:
@@ -496,12 +497,7 @@ def t_poll(d):
                                                               "--poll-us", "0", "-D", "nbd"])
 def t_no_trial(d):
     d.plug("ram", "--size", "8M", "--name", "p", "--attach", "none")
-    h = d.nbd("p")
-    n, t0 = 0, time.time()
-    while time.time() - t0 < 1.5:
-        h.pread(4096, (n % 64) * 4096)
-        n += 1
-    h.shutdown()
+    qd1_requests(d, "p", 13, 1.5)
     eq(pause_decisions(d), [], "trial decisions with both modes off")
 
 
