@@ -398,7 +398,12 @@ def pause_decisions(d):
     return [ln for ln in d.log().splitlines() if ": trial: plain " in ln]
 
 
-DECISIONS = (": plain", ": pausing", ": polling")
+DECISIONS = (": plain", ": pausing", ": pausing briefly", ": polling")
+
+
+def decision(ln):
+    """What a trial line decided: plain, pausing, pausing briefly or polling."""
+    return ln.rsplit(": ", 1)[1]
 
 
 def qd1_requests(d, name, seed, secs, writes=False):
@@ -432,7 +437,7 @@ def t_coalesce(d):
     n = qd1_requests(d, "p", 7, 1.5)
     first = pause_decisions(d)
     check(first, "no pause trial decision logged after %d QD1 requests in 1.5 s" % n)
-    check(all(ln.endswith(DECISIONS) and not ln.endswith(": pausing") for ln in first),
+    check(all(ln.endswith(DECISIONS) and "pausing" not in decision(ln) for ln in first),
           "a QD1 client was paused:\n  " + "\n  ".join(first))
     # Many requests in flight for 3 s: the trial runs (and may pause); the
     # data stays right whichever it decides.
@@ -448,6 +453,10 @@ def t_coalesce(d):
     check(later, "no pause trial decision logged for 6 s of QD32 fio")
     for ln in later:
         check(ln.endswith(DECISIONS), "decision line %r" % ln)
+        # both pause lengths were tried: 200 us and a quarter of it
+        m = re.search(r"with pauses (\d+) in (\d+) us .* with short pauses (\d+) in (\d+) us", ln)
+        check(m and int(m.group(2)) > 0 and int(m.group(4)) > 0,
+              "long and short pause slots both measured: %r" % ln)
     fio_verify(d, d.uri("p"), "coalesce-unix")
     fio_verify(d, "nbd://127.0.0.1:%d/p" % d.port, "coalesce-tcp")
     src = os.path.join(d.data_dir, "src.img")
@@ -483,7 +492,8 @@ def t_poll(d):
     for ln in lines:
         # pausing is off: never chosen, its slots never run
         check(ln.endswith((": plain", ": polling")), "decision line %r" % ln)
-        check("with pauses 0 in 0 us (0 us CPU)" in ln, "pause slots ran: %r" % ln)
+        check("with pauses 0 in 0 us (0 us CPU)" in ln and
+              "with short pauses 0 in 0 us (0 us CPU)" in ln, "pause slots ran: %r" % ln)
         m = re.search(r"plain (\d+) requests in (\d+) us .* polling (\d+) in (\d+) us", ln)
         check(m and int(m.group(2)) > 0 and int(m.group(4)) > 0,
               "plain and polling slots both measured: %r" % ln)

@@ -101,6 +101,11 @@ struct nbd_req {
 
 enum nbd_conn_state { NBD_CONN_HANDSHAKE, NBD_CONN_TRANSMISSION, NBD_CONN_CLOSING, NBD_CONN_DEAD };
 
+/* What a connection's worker thread does after a wake-up of it
+ * (conn_coalesce): nothing, pause coalesce_us, pause a quarter of that
+ * (NBD_SHORT_PAUSE_DIV), or poll. */
+enum { NBD_MODE_PLAIN, NBD_MODE_PAUSE, NBD_MODE_PAUSE_SHORT, NBD_MODE_POLL, NBD_NMODES };
+
 struct nbd_conn {
   int fd;
   struct vdb_loop *loop;
@@ -152,14 +157,15 @@ struct nbd_conn {
   bool rx_drained;              /* this wake-up emptied the socket */
   uint8_t nap_mode;             /* NBD_MODE_*: what follows each wake-up now */
   uint8_t nap_slot;             /* trial slot 1..modes × NBD_NAP_ROUNDS, 0 = a run */
-  uint8_t nap_backoff;          /* trials in a row that plain won (0-6) */
+  uint8_t nap_kept;             /* the mode the last trial decided */
+  uint8_t nap_backoff;          /* trials in a row that decided alike (0-6) */
   unsigned nap_reqs;            /* requests so far in this slot or run */
   uint64_t nap_t0;              /* when it began (ns) */
   uint64_t nap_cpu0;            /* this thread's CPU time then (ns) */
   uint64_t nap_len_ns;          /* how long it lasts */
   struct nbd_nap_side {         /* the trial's slots of each mode */
     uint64_t reqs, ns, cpu_ns;
-  } nap_side[3];
+  } nap_side[NBD_NMODES];
 
   struct nbd_conn *next, *prev; /* global list, under nbd_lock */
 
@@ -174,8 +180,7 @@ struct nbd_conn {
 #define NBD_SPLICE_MIN    (64u << 10)     /* mapped READ payloads this large are spliced */
 #define NBD_COALESCE_US   40              /* default pause for a busy client (conn_coalesce) */
 #define NBD_POLL_US       50              /* default polling for a quick client (conn_coalesce) */
-/* What a connection's worker thread does after a wake-up of it. */
-enum { NBD_MODE_PLAIN, NBD_MODE_PAUSE, NBD_MODE_POLL };
+#define NBD_SHORT_PAUSE_DIV 4             /* a short pause is coalesce_us / this (at least 1 us) */
 #define NBD_NAP_SLOT_NS   10000000ull     /* a trial slot, in one mode */
 #define NBD_NAP_ROUNDS    4               /* slots per mode in a trial, the modes taking turns */
 #define NBD_NAP_RUN_NS    1000000000ull   /* between trials (×2 per trial lost, to 64×) */
