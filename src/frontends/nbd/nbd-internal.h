@@ -183,7 +183,7 @@ struct nbd_conn {
 #define NBD_SHORT_PAUSE_DIV 4             /* a short pause is coalesce_us / this (at least 1 us) */
 #define NBD_NAP_SLOT_NS   10000000ull     /* a trial slot, in one mode */
 #define NBD_NAP_ROUNDS    4               /* slots per mode in a trial, the modes taking turns */
-#define NBD_NAP_RUN_NS    1000000000ull   /* between trials (×2 per trial lost, to 64×) */
+#define NBD_NAP_RUN_NS    1000000000ull   /* between trials (×2 per trial deciding alike, to 64×) */
 #define NBD_NAP_MIN_REQS  400             /* fewer without pauses: they cannot matter */
 #define NBD_POLL_MIN_REQS 40              /* fewer in plain slots: too few to judge polling */
 #define NBD_POLL_GAIN     110             /* polling must raise the rate to this % */

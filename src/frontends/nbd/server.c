@@ -796,16 +796,17 @@ static void nap_next(struct nbd_conn *c, uint64_t now)
   if (c->nap_slot == nmodes * NBD_NAP_ROUNDS) {   /* the trial is over: decide */
     c->nap_mode = trial_decide(c);
     /* A trial costs the kept mode's advantage for its other slots, so the
-     * run doubles while trials keep deciding the same (plain always counts
-     * as the same: it has no advantage to lose). */
+     * run doubles while trials keep deciding the same.  A change starts
+     * over: at 1 s for a mode that has an advantage to keep, at 2 s for
+     * plain, which has none. */
     if (c->nap_mode != c->nap_kept)
-      c->nap_backoff = 0;
-    if ((c->nap_mode == c->nap_kept || c->nap_mode == NBD_MODE_PLAIN) && c->nap_backoff < 6)
+      c->nap_backoff = c->nap_mode == NBD_MODE_PLAIN;
+    else if (c->nap_backoff < 6)
       c->nap_backoff++;
     c->nap_kept = c->nap_mode;
     c->nap_slot = 0;
     c->nap_len_ns = NBD_NAP_RUN_NS << c->nap_backoff;
-  } else {   /* the next slot: plain, pausing, polling, plain, … */
+  } else {   /* the next slot: plain, pausing, pausing briefly, polling, plain, … */
     if (c->nap_slot == 0)
       memset(c->nap_side, 0, sizeof c->nap_side);
     c->nap_mode = modes[c->nap_slot % nmodes];
