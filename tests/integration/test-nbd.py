@@ -511,6 +511,54 @@ def t_no_trial(d):
     eq(pause_decisions(d), [], "trial decisions with both modes off")
 
 
+def splice_decisions(d):
+    """The splice trial's decisions in the daemon log (-D nbd)."""
+    return [ln for ln in d.log().splitlines() if ": splice trial: " in ln]
+
+
+@case("large reads over a Unix socket: a trial compares spliced and copied replies (its rates "
+      "logged) and keeps one; every byte is right in both; TCP replies are copied, no trial",
+      timeout=180, extra=["-D", "nbd"])
+def t_splice_trial(d):
+    size = 16 * MiB
+    d.plug("ram", "--size", "48M", "--name", "s", "--attach", "none")   # 48M: fio_verify_big
+    data = pattern(21, size)
+    for tcp in (False, True):
+        h = d.nbd("s", tcp=tcp)
+        if not tcp:
+            for off in range(0, size, 4 * MiB):
+                h.pwrite(data[off:off + 4 * MiB], off)
+        before = len(splice_decisions(d))
+        # 1 MiB reads for 2 s, each checked: the trial's slots of both kinds
+        # are served meanwhile (the first trial is over within half a second).
+        n, t0 = 0, time.time()
+        while time.time() - t0 < 2:
+            off = (n * 5 % 15) * MiB + (n % 7) * 4096
+            if h.pread(MiB, off) != data[off:off + MiB]:
+                fail("%s read %d of 1 MiB at %d differs" % ("TCP" if tcp else "Unix", n, off))
+            n += 1
+        h.shutdown()
+        lines = splice_decisions(d)[before:]
+        if tcp:
+            eq(lines, [], "splice trial decisions for a TCP client")
+            continue
+        check(lines, "no splice trial decided in 2 s of 1 MiB reads (%d of them)" % n)
+        for ln in lines:
+            m = re.search(r"spliced (\d+) bytes in (\d+) us, copied (\d+) in (\d+) us: "
+                          r"(copying|splicing)$", ln)
+            check(m, "splice trial line %r" % ln)
+            check(all(int(m.group(i)) > 0 for i in range(1, 5)),
+                  "spliced and copied slots both measured: %r" % ln)
+    # A few large reads only: too little to judge, nothing decided, data right.
+    before = len(splice_decisions(d))
+    h = d.nbd("s")
+    for off in (0, 3 * MiB + 5, 9 * MiB):
+        eq(h.pread(2 * MiB, off) == data[off:off + 2 * MiB], True, "read of 2 MiB at %d" % off)
+    h.shutdown()
+    eq(splice_decisions(d)[before:], [], "splice trial decisions after three reads")
+    fio_verify_big(d.uri("s"), "splice-trial")
+
+
 @case("file disk: data written over NBD is in the file; FUA and flush")
 def t_file_disk(d):
     path = plug_file(d, "f", "4M")

@@ -167,6 +167,19 @@ struct nbd_conn {
     uint64_t reqs, ns, cpu_ns;
   } nap_side[NBD_NMODES];
 
+  /* Splicing or copying large mapped reads (nbd_splice_choose). */
+  bool sp_copy;                 /* send them by copy now */
+  bool sp_kept_copy;            /* what the last splice trial decided */
+  bool sp_spoilt;               /* a nap slot ended during this splice slot */
+  uint8_t sp_slot;              /* trial slot 1..2 × NBD_SPLICE_ROUNDS, 0 = a run */
+  uint8_t sp_backoff;           /* splice trials in a row that decided alike (0-6) */
+  uint64_t sp_bytes;            /* large read bytes so far in this slot */
+  uint64_t sp_t0, sp_last;      /* when the slot or run began; the last large read */
+  uint64_t sp_len_ns;           /* how long it lasts */
+  struct nbd_sp_side {          /* the splice trial's slots, [0] spliced, [1] copied */
+    uint64_t bytes, ns;
+  } sp_side[2];
+
   struct nbd_conn *next, *prev; /* global list, under nbd_lock */
 
   /* A connection made by vdb_nbd_serve_socket (a local kernel client): not
@@ -187,6 +200,10 @@ struct nbd_conn {
 #define NBD_NAP_MIN_REQS  400             /* fewer without pauses: they cannot matter */
 #define NBD_POLL_MIN_REQS 40              /* fewer in plain slots: too few to judge polling */
 #define NBD_POLL_GAIN     110             /* polling must raise the rate to this % */
+#define NBD_SPLICE_SLOT_NS 25000000ull    /* a splice trial slot */
+#define NBD_SPLICE_ROUNDS  4              /* slots each of splicing and copying in a trial */
+#define NBD_SPLICE_MIN_BYTES (8u << 20)   /* fewer large read bytes on a side: keep splicing */
+#define NBD_COPY_GAIN      125            /* copying must raise the read rate to this % */
 #define NBD_DRAIN_MS      5000            /* a closing connection's time to take its replies */
 #define NBD_SNDBUF        (4u << 20)      /* Unix socket send buffer asked for */
 #define NBD_PIPE_SIZE     (1u << 20)      /* pipe capacity asked for */
@@ -198,6 +215,7 @@ void nbd_conn_ref(struct nbd_conn *c);
 void nbd_conn_unref(struct nbd_conn *c);
 void nbd_conn_close(struct nbd_conn *c);   /* stop reading, drain, then destroy */
 void nbd_conn_kill(struct nbd_conn *c);    /* drop replies too */
+bool nbd_splice_choose(struct nbd_conn *c, size_t len);   /* splice (or copy) this read? */
 void nbd_conn_flush(struct nbd_conn *c);   /* send queued output, update events */
 void nbd_conn_enter_transmission(struct nbd_conn *c);
 /* Run fn(arg) on c's loop (retrying while the post queue is out of memory). */

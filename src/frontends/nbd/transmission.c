@@ -217,9 +217,11 @@ static void tx_build(struct nbd_conn *c, struct nbd_req *r, int err)
   /* Backend memory (VDB_REQ_MAP) stays put until the disk closes, and the
    * connection holds the disk: large payloads are spliced from it, so the
    * kernel references the pages instead of copying them.  Never r->buf,
-   * which the next request reuses while the socket may still hold it. */
+   * which the next request reuses while the socket may still hold it.
+   * Whether splicing is what this client is served best by is measured
+   * (nbd_splice_choose). */
   r->splice = pl >= NBD_SPLICE_MIN && r->cmd == NBD_CMD_READ && payload != r->buf &&
-              !c->no_splice;
+              !c->no_splice && nbd_splice_choose(c, pl);
 }
 
 static void tx_reply(struct nbd_conn *c, struct nbd_req *r, int err)
