@@ -200,6 +200,7 @@ struct nbd_conn {
 #define NBD_NAP_MIN_REQS  400             /* fewer without pauses: they cannot matter */
 #define NBD_POLL_MIN_REQS 40              /* fewer in plain slots: too few to judge polling */
 #define NBD_POLL_GAIN     110             /* polling must raise the rate to this % */
+#define NBD_PAUSE_FASTER  105             /* of two pauses that pay, one this % faster wins */
 #define NBD_SPLICE_SLOT_NS 25000000ull    /* a splice trial slot */
 #define NBD_SPLICE_ROUNDS  4              /* slots each of splicing and copying in a trial */
 #define NBD_SPLICE_MIN_BYTES (8u << 20)   /* fewer large read bytes on a side: keep splicing */

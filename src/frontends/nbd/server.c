@@ -673,9 +673,10 @@ static void conn_read(struct nbd_conn *c)
  *  - polling, if the client's request rate with it is at least
  *    NBD_POLL_GAIN % of its rate in plain slots and of its rates with
  *    either pause;
- *  - else the pause (of the two that qualify, the one with the higher rate)
- *    that lowers the thread's CPU time per request without costing
- *    throughput (a rate at least 95% of the plain one);
+ *  - else the pause that lowers the thread's CPU time per request without
+ *    costing throughput (a rate at least 95% of the plain one); of two that
+ *    qualify, the one with a rate NBD_PAUSE_FASTER % of the other's, or if
+ *    neither is that much faster, the one that cost less per request;
  *  - else plain.
  * The run between trials (NBD_NAP_RUN_NS) doubles, up to 64 times, while
  * plain wins or trials keep deciding alike, so a client neither suits pays
@@ -725,12 +726,17 @@ static bool rate_at_least(const struct nbd_nap_side *a, const struct nbd_nap_sid
   return (double)a->reqs * (double)b->ns * 100 >= (double)b->reqs * (double)a->ns * pct;
 }
 
+/* Did side a do its requests at less CPU per request than side b? */
+static bool cheaper(const struct nbd_nap_side *a, const struct nbd_nap_side *b)
+{
+  return (double)a->cpu_ns * (double)b->reqs < (double)b->cpu_ns * (double)a->reqs;
+}
+
 /* Did a pausing side do its requests at less CPU per request than plain,
  * at a rate of at least 95% of plain's? */
 static bool pause_pays(const struct nbd_nap_side *pause, const struct nbd_nap_side *plain)
 {
-  return rate_at_least(pause, plain, 95) &&
-         (double)pause->cpu_ns * (double)plain->reqs < (double)plain->cpu_ns * (double)pause->reqs;
+  return rate_at_least(pause, plain, 95) && cheaper(pause, plain);
 }
 
 static const char *mode_name(uint8_t mode)
@@ -755,8 +761,14 @@ static uint8_t trial_decide(const struct nbd_conn *c)
   if (vdb_nbd_settings.coalesce_us && plain->reqs >= NBD_NAP_MIN_REQS) {
     bool long_ok = pause_pays(pause, plain), brief_ok = pause_pays(brief, plain);
 
-    /* both pay: the one the client went faster with */
-    if (long_ok && (!brief_ok || rate_at_least(pause, brief, 100)))
+    /* both pay: the one the client went clearly faster with, else the
+     * one that cost less per request */
+    if (long_ok && brief_ok)
+      mode = rate_at_least(brief, pause, NBD_PAUSE_FASTER) ? NBD_MODE_PAUSE_SHORT
+             : rate_at_least(pause, brief, NBD_PAUSE_FASTER) || cheaper(pause, brief)
+                 ? NBD_MODE_PAUSE
+                 : NBD_MODE_PAUSE_SHORT;
+    else if (long_ok)
       mode = NBD_MODE_PAUSE;
     else if (brief_ok)
       mode = NBD_MODE_PAUSE_SHORT;
