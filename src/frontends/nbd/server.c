@@ -716,14 +716,35 @@ static unsigned pause_us(uint8_t mode)
   return us ? us : 1;
 }
 
-/* Is a's request rate at least pct % of b's?  Cross-multiplied; a side with
- * no time measured counts as no rate. */
+/* Is a_n per a_ns at least pct % of b_n per b_ns?  Cross-multiplied; a
+ * side with no time measured counts as no rate. */
+static bool per_ns_at_least(uint64_t a_n, uint64_t a_ns, uint64_t b_n, uint64_t b_ns,
+                            unsigned pct)
+{
+  if (a_ns == 0)
+    return false;
+  return (double)a_n * (double)b_ns * 100 >= (double)b_n * (double)a_ns * pct;
+}
+
+/* Is a's request rate at least pct % of b's? */
 static bool rate_at_least(const struct nbd_nap_side *a, const struct nbd_nap_side *b,
                           unsigned pct)
 {
-  if (a->ns == 0)
-    return false;
-  return (double)a->reqs * (double)b->ns * 100 >= (double)b->reqs * (double)a->ns * pct;
+  return per_ns_at_least(a->reqs, a->ns, b->reqs, b->ns, pct);
+}
+
+/* A trial has decided (changed: not as the one before); the run until the
+ * next trial, in ns.  A trial costs the kept mode's advantage for its other slots, so the run
+ * doubles (up to 64 times NBD_NAP_RUN_NS) while trials keep deciding the
+ * same.  A change starts over: at 1 s for a mode that has an advantage to
+ * keep, at 2 s for one that has none (idle: plain, or splicing). */
+static uint64_t trial_run_ns(uint8_t *backoff, bool changed, bool idle)
+{
+  if (changed)
+    *backoff = idle;
+  else if (*backoff < 6)
+    (*backoff)++;
+  return NBD_NAP_RUN_NS << *backoff;
 }
 
 /* Did side a do its requests at less CPU per request than side b? */
@@ -807,17 +828,10 @@ static void nap_next(struct nbd_conn *c, uint64_t now)
   }
   if (c->nap_slot == nmodes * NBD_NAP_ROUNDS) {   /* the trial is over: decide */
     c->nap_mode = trial_decide(c);
-    /* A trial costs the kept mode's advantage for its other slots, so the
-     * run doubles while trials keep deciding the same.  A change starts
-     * over: at 1 s for a mode that has an advantage to keep, at 2 s for
-     * plain, which has none. */
-    if (c->nap_mode != c->nap_kept)
-      c->nap_backoff = c->nap_mode == NBD_MODE_PLAIN;
-    else if (c->nap_backoff < 6)
-      c->nap_backoff++;
+    c->nap_len_ns = trial_run_ns(&c->nap_backoff, c->nap_mode != c->nap_kept,
+                                 c->nap_mode == NBD_MODE_PLAIN);
     c->nap_kept = c->nap_mode;
     c->nap_slot = 0;
-    c->nap_len_ns = NBD_NAP_RUN_NS << c->nap_backoff;
   } else {   /* the next slot: plain, pausing, pausing briefly, polling, plain, … */
     if (c->nap_slot == 0)
       memset(c->nap_side, 0, sizeof c->nap_side);
@@ -886,20 +900,15 @@ static void splice_next(struct nbd_conn *c, uint64_t now)
   if (c->sp_slot == 2 * NBD_SPLICE_ROUNDS) {   /* the trial is over: decide */
     const struct nbd_sp_side *sp = &c->sp_side[0], *cp = &c->sp_side[1];
     bool copy = sp->bytes >= NBD_SPLICE_MIN_BYTES && cp->bytes >= NBD_SPLICE_MIN_BYTES &&
-                (double)cp->bytes * (double)sp->ns * 100 >=
-                (double)sp->bytes * (double)cp->ns * NBD_COPY_GAIN;
+                per_ns_at_least(cp->bytes, cp->ns, sp->bytes, sp->ns, NBD_COPY_GAIN);
 
     vdb_dbg(VDB_DBG_NBD, "%s: splice trial: spliced %llu bytes in %llu us, "
             "copied %llu in %llu us: %s", c->peer, (unsigned long long)sp->bytes,
             (unsigned long long)(sp->ns / 1000), (unsigned long long)cp->bytes,
             (unsigned long long)(cp->ns / 1000), copy ? "copying" : "splicing");
-    if (copy != c->sp_kept_copy)
-      c->sp_backoff = !copy;
-    else if (c->sp_backoff < 6)
-      c->sp_backoff++;
+    c->sp_len_ns = trial_run_ns(&c->sp_backoff, copy != c->sp_kept_copy, !copy);
     c->sp_kept_copy = c->sp_copy = copy;
     c->sp_slot = 0;
-    c->sp_len_ns = NBD_NAP_RUN_NS << c->sp_backoff;
   } else {   /* the next slot: spliced, copied, spliced, … */
     if (c->sp_slot == 0)
       memset(c->sp_side, 0, sizeof c->sp_side);
