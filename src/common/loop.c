@@ -21,6 +21,18 @@ struct vdb_call {
   struct vdb_call *next;
 };
 
+/* A watch's one-shot poll in ring mode.  Lives from vdb_loop_watch until the
+ * watch is gone (w == NULL) and no poll of it is left in the ring. */
+struct loop_poll {
+  struct vdb_watch *w;             /* NULL once unwatched */
+  struct loop_poll *prev, *next;   /* loop->polls: every one of them */
+  struct loop_poll *arm_next;      /* loop->to_arm */
+  bool armed;                      /* a POLL_ADD of it is in the ring */
+  bool queued;                     /* on loop->to_arm */
+  bool in_cb;                      /* its callback is running */
+  bool failed;                     /* the poll itself failed: not re-armed */
+};
+
 struct vdb_loop {
   int epfd;
   struct vdb_watch wake;           /* eventfd: posted calls and stop */
@@ -36,13 +48,22 @@ struct vdb_loop {
   int batch_n;
   unsigned nap_us;                 /* pause asked for this round (vdb_loop_nap) */
   unsigned poll_us;                /* polling asked for this round (vdb_loop_poll) */
+  bool want_uring;                 /* ring mode asked for (vdb_loop_want_uring) */
+  bool uring;                      /* ring mode on: the loop waits in io_uring_enter */
+  struct loop_poll *polls;         /* want_uring: the watches' polls */
+  struct loop_poll *to_arm;        /* ring mode: polls to (re)arm before the next wait */
+  unsigned quick;                  /* ring mode: quick SQEs queued since the last wait */
 };
 
 #define LOOP_RING_ENTRIES 256
+#define LOOP_POLL_TAG 1ull   /* user_data of a poll: its loop_poll | 1 (ops are aligned) */
+#define LOOP_UD_OWN   2ull   /* user_data of the loop's other SQEs (removes, updates, cancels) */
+#define LOOP_QUICK_NS 1000000   /* a wait past quick SQEs' completions (vdb_loop_get_sqe_quick) */
 
 static _Thread_local struct vdb_loop *current_loop;
 
 static void loop_ring_exit(struct vdb_loop *loop);
+static void poll_free(struct vdb_loop *loop, struct loop_poll *p);
 
 uint64_t vdb_now_ns(void)
 {
@@ -125,16 +146,180 @@ void vdb_loop_destroy(struct vdb_loop *loop)
     return;
   loop_run_calls(loop);
   loop_ring_exit(loop);
+  while (loop->polls)   /* ring mode asked for and never started */
+    poll_free(loop, loop->polls);
   close(loop->wake.fd);
   close(loop->epfd);
   pthread_mutex_destroy(&loop->lock);
   free(loop);
 }
 
+/* ---- ring mode: watches as one-shot polls ---- */
+
+static struct loop_poll *poll_new(struct vdb_loop *loop, struct vdb_watch *w)
+{
+  struct loop_poll *p = calloc(1, sizeof *p);
+
+  if (!p)
+    return NULL;
+  p->w = w;
+  w->priv = p;
+  p->next = loop->polls;
+  if (p->next)
+    p->next->prev = p;
+  loop->polls = p;
+  return p;
+}
+
+static void poll_free(struct vdb_loop *loop, struct loop_poll *p)
+{
+  if (p->prev)
+    p->prev->next = p->next;
+  else
+    loop->polls = p->next;
+  if (p->next)
+    p->next->prev = p->prev;
+  if (p->w)
+    p->w->priv = NULL;
+  free(p);
+}
+
+static uint64_t poll_ud(const struct loop_poll *p)
+{
+  return (uint64_t)(uintptr_t)p | LOOP_POLL_TAG;
+}
+
+/* A free SQE, submitting what is queued if the ring is full; or NULL. */
+static struct io_uring_sqe *ring_sqe(struct vdb_loop *loop)
+{
+  struct io_uring_sqe *sqe = io_uring_get_sqe(loop->ring);
+
+  if (!sqe) {
+    io_uring_submit(loop->ring);
+    sqe = io_uring_get_sqe(loop->ring);
+  }
+  return sqe;
+}
+
+static void poll_queue_arm(struct vdb_loop *loop, struct loop_poll *p)
+{
+  if (p->queued || p->armed)
+    return;
+  p->queued = true;
+  p->arm_next = loop->to_arm;
+  loop->to_arm = p;
+}
+
+/* Put a POLL_ADD in the ring for every watch that needs one. */
+static void ring_arm_pending(struct vdb_loop *loop)
+{
+  struct loop_poll *p;
+
+  while ((p = loop->to_arm)) {
+    struct io_uring_sqe *sqe;
+
+    if (p->w && !p->armed && !p->failed && p->w->events) {
+      if (!(sqe = ring_sqe(loop)))
+        return;   /* the ring is full even after a submit: next round */
+      io_uring_prep_poll_add(sqe, p->w->fd, p->w->events);
+      io_uring_sqe_set_data64(sqe, poll_ud(p));
+      p->armed = true;
+    }
+    loop->to_arm = p->arm_next;
+    p->queued = false;
+    if (!p->w && !p->armed && !p->in_cb)
+      poll_free(loop, p);
+  }
+}
+
+/* A poll of p completed with res (its events, or -errno). */
+static void ring_poll_done(struct vdb_loop *loop, struct loop_poll *p, int res)
+{
+  struct vdb_watch *w = p->w;
+
+  p->armed = false;
+  if (!w) {
+    if (!p->queued)
+      poll_free(loop, p);
+    return;
+  }
+  if (res == -ECANCELED) {   /* removed by vdb_loop_modify(…, 0) */
+    poll_queue_arm(loop, p);
+    return;
+  }
+  p->in_cb = true;
+  if (res < 0) {
+    vdb_warn("event loop: poll of fd %d failed: %s", w->fd, strerror(-res));
+    p->failed = true;
+    w->cb(w, EPOLLERR);
+  } else {
+    uint32_t rev = (uint32_t)res & (w->events | EPOLLERR | EPOLLHUP);
+    if (rev)
+      w->cb(w, rev);   /* may unwatch w and free it */
+  }
+  p->in_cb = false;
+  if (!p->w) {
+    if (!p->queued)
+      poll_free(loop, p);
+  } else {
+    poll_queue_arm(loop, p);
+  }
+}
+
+static bool on_loop_thread(const struct vdb_loop *loop)
+{
+  if (current_loop == loop)
+    return true;
+  vdb_err("event loop: a watch changed off its loop's thread in ring mode");
+  return false;
+}
+
 int vdb_loop_watch(struct vdb_loop *loop, struct vdb_watch *w)
 {
   struct epoll_event ev = { .events = w->events, .data.ptr = w };
-  return epoll_ctl(loop->epfd, EPOLL_CTL_ADD, w->fd, &ev) < 0 ? -errno : 0;
+  struct loop_poll *p = NULL;
+
+  w->priv = NULL;
+  if (loop->want_uring) {
+    if (loop->uring && !on_loop_thread(loop))
+      return -EINVAL;
+    if (!(p = poll_new(loop, w)))
+      return -ENOMEM;
+    if (loop->uring) {
+      poll_queue_arm(loop, p);
+      return 0;
+    }
+  }
+  /* Not running yet: epoll too (vdb_loop_run moves it into the ring). */
+  if (epoll_ctl(loop->epfd, EPOLL_CTL_ADD, w->fd, &ev) < 0) {
+    int r = -errno;
+    if (p)
+      poll_free(loop, p);
+    return r;
+  }
+  return 0;
+}
+
+static int ring_modify(struct vdb_loop *loop, struct vdb_watch *w, uint32_t events)
+{
+  struct loop_poll *p = w->priv;
+  struct io_uring_sqe *sqe;
+
+  if (!p || !on_loop_thread(loop))
+    return -EINVAL;
+  w->events = events;
+  if (!p->armed) {
+    poll_queue_arm(loop, p);   /* with the new events, if any */
+    return 0;
+  }
+  if (!(sqe = ring_sqe(loop)))
+    return -EBUSY;
+  if (events)
+    io_uring_prep_poll_update(sqe, poll_ud(p), poll_ud(p), events, IORING_POLL_UPDATE_EVENTS);
+  else
+    io_uring_prep_poll_remove(sqe, poll_ud(p));
+  io_uring_sqe_set_data64(sqe, LOOP_UD_OWN);   /* its completion says nothing we need */
+  return 0;
 }
 
 int vdb_loop_modify(struct vdb_loop *loop, struct vdb_watch *w, uint32_t events)
@@ -143,6 +328,8 @@ int vdb_loop_modify(struct vdb_loop *loop, struct vdb_watch *w, uint32_t events)
 
   if (w->events == events)
     return 0;
+  if (loop->uring)
+    return ring_modify(loop, w, events);
   w->events = events;
   return epoll_ctl(loop->epfd, EPOLL_CTL_MOD, w->fd, &ev) < 0 ? -errno : 0;
 }
@@ -151,6 +338,26 @@ int vdb_loop_modify(struct vdb_loop *loop, struct vdb_watch *w, uint32_t events)
  * owner may free it as soon as this returns. */
 void vdb_loop_unwatch(struct vdb_loop *loop, struct vdb_watch *w)
 {
+  struct loop_poll *p = w->priv;
+
+  if (loop->uring) {
+    if (!p || !on_loop_thread(loop))
+      return;
+    p->w = NULL;
+    w->priv = NULL;
+    if (p->armed) {   /* its completion (-ECANCELED) frees p */
+      struct io_uring_sqe *sqe = ring_sqe(loop);
+      if (sqe) {
+        io_uring_prep_poll_remove(sqe, poll_ud(p));
+        io_uring_sqe_set_data64(sqe, LOOP_UD_OWN);
+      }
+    } else if (!p->queued && !p->in_cb) {
+      poll_free(loop, p);
+    }
+    return;
+  }
+  if (p)
+    poll_free(loop, p);
   epoll_ctl(loop->epfd, EPOLL_CTL_DEL, w->fd, NULL);
   for (int i = 0; i < loop->batch_n; i++)
     if (loop->batch[i].data.ptr == w)
@@ -332,6 +539,17 @@ struct io_uring_sqe *vdb_loop_get_sqe(void)
   return sqe;
 }
 
+struct io_uring_sqe *vdb_loop_get_sqe_quick(void)
+{
+  struct vdb_loop *loop = current_loop;
+  struct io_uring_sqe *sqe;
+
+  if (!loop || !vdb_loop_is_uring(loop) || !(sqe = vdb_loop_get_sqe()))
+    return NULL;
+  loop->quick++;
+  return sqe;
+}
+
 void vdb_uring_set_op(struct io_uring_sqe *sqe, struct vdb_uring_op *op)
 {
   io_uring_sqe_set_data(sqe, op);
@@ -391,6 +609,185 @@ static int loop_poll(struct vdb_loop *loop, struct epoll_event *evs, int max, un
   return n;
 }
 
+/* ---- ring mode: the loop ---- */
+
+void vdb_loop_want_uring(struct vdb_loop *loop)
+{
+  const char *env = getenv("VDBUS_LOOP");
+
+  if (loop->want_uring || (env && strcmp(env, "epoll") == 0))
+    return;
+  /* vdb_loop_create's own watch has no poll yet; later ones get theirs in
+   * vdb_loop_watch. */
+  if (poll_new(loop, &loop->wake))
+    loop->want_uring = true;
+}
+
+bool vdb_loop_is_uring(const struct vdb_loop *loop) { return loop->uring && !loop->stop; }
+
+/* Make the ring the loop waits on, on the loop's thread (SINGLE_ISSUER),
+ * and move every watch from epoll into it.  Returns false (epoll it is) if
+ * this kernel cannot. */
+static bool ring_start(struct vdb_loop *loop)
+{
+  struct io_uring_params prm = { .flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN };
+  struct io_uring *ring;
+  int r;
+
+  if (loop->ring)   /* made in epoll mode already (not expected) */
+    return false;
+  if (!(ring = calloc(1, sizeof *ring)))
+    return false;
+  r = io_uring_queue_init_params(LOOP_RING_ENTRIES, ring, &prm);
+  if (r < 0 || !(prm.features & IORING_FEAT_EXT_ARG)) {
+    vdb_dbg(VDB_DBG_IO, "event loop: ring mode unavailable (%s): epoll",
+            r < 0 ? strerror(-r) : "no IORING_FEAT_EXT_ARG");
+    if (r == 0)
+      io_uring_queue_exit(ring);
+    free(ring);
+    return false;
+  }
+  loop->ring = ring;
+  loop->uring = true;
+  vdb_dbg(VDB_DBG_IO, "event loop: waiting on io_uring (ring mode)");
+  for (struct loop_poll *p = loop->polls; p; p = p->next) {
+    epoll_ctl(loop->epfd, EPOLL_CTL_DEL, p->w->fd, NULL);
+    poll_queue_arm(loop, p);
+  }
+  return true;
+}
+
+/* Submit what is queued and wait for wait_nr completions or timeout_ns
+ * (< 0: no timeout).  Returns 0, or -errno other than ETIME and EINTR. */
+static int ring_wait(struct vdb_loop *loop, int64_t timeout_ns, unsigned wait_nr)
+{
+  struct io_uring_cqe *cqe;
+  int r;
+
+  ring_arm_pending(loop);
+  if (loop->quick && wait_nr == 1) {   /* not for their completions alone */
+    wait_nr += loop->quick;
+    if (timeout_ns < 0 || timeout_ns > LOOP_QUICK_NS)
+      timeout_ns = LOOP_QUICK_NS;
+  }
+  loop->quick = 0;
+  if (timeout_ns < 0) {
+    r = io_uring_submit_and_wait(loop->ring, wait_nr);
+  } else {
+    struct __kernel_timespec ts = { .tv_sec = timeout_ns / 1000000000,
+                                    .tv_nsec = timeout_ns % 1000000000 };
+    r = io_uring_submit_and_wait_timeout(loop->ring, &cqe, wait_nr, &ts, NULL);
+  }
+  return r < 0 && r != -ETIME && r != -EINTR && r != -EAGAIN && r != -EBUSY ? r : 0;
+}
+
+/* Poll for completions for up to us microseconds (see loop_poll). */
+static void ring_poll(struct vdb_loop *loop, unsigned us)
+{
+  uint64_t end = vdb_now_ns() + (uint64_t)us * 1000;
+  unsigned quick = loop->quick;   /* completions that are not what we poll for */
+
+  ring_arm_pending(loop);
+  loop->quick = 0;
+  io_uring_submit_and_get_events(loop->ring);
+  while (io_uring_cq_ready(loop->ring) <= quick && !loop->stop && vdb_now_ns() < end) {
+    sched_yield();
+    io_uring_get_events(loop->ring);
+  }
+}
+
+/* Handle up to 64 completions; while stopping, polls are only marked done
+ * (their callbacks are not run). */
+static void ring_dispatch(struct vdb_loop *loop, bool stopping)
+{
+  struct { uint64_t ud; int res; } got[64];
+  struct io_uring_cqe *cqe;
+  unsigned head, n = 0;
+
+  io_uring_for_each_cqe(loop->ring, head, cqe) {
+    got[n].ud = cqe->user_data;
+    got[n].res = cqe->res;
+    if (++n == 64)
+      break;
+  }
+  io_uring_cq_advance(loop->ring, n);
+  for (unsigned i = 0; i < n; i++) {
+    if (got[i].ud == LOOP_UD_OWN)
+      continue;
+    if ((got[i].ud & LOOP_POLL_TAG) && stopping) {
+      ((struct loop_poll *)(uintptr_t)(got[i].ud & ~LOOP_POLL_TAG))->armed = false;
+    } else if (got[i].ud & LOOP_POLL_TAG) {
+      ring_poll_done(loop, (struct loop_poll *)(uintptr_t)(got[i].ud & ~LOOP_POLL_TAG), got[i].res);
+    } else {
+      struct vdb_uring_op *op = (struct vdb_uring_op *)(uintptr_t)got[i].ud;
+      loop->ring_inflight--;
+      if (op)
+        op->cb(op, got[i].res);
+    }
+  }
+}
+
+static int64_t loop_timeout_ns(struct vdb_loop *loop)
+{
+  uint64_t now;
+
+  if (!loop->timers)
+    return -1;
+  now = vdb_now_ns();
+  return loop->timers->deadline_ns <= now ? 0 : (int64_t)(loop->timers->deadline_ns - now);
+}
+
+/* Leave ring mode, on the loop's thread: cancel what is in the ring, wait
+ * for the operations (their buffers belong to others), free the polls. */
+static void ring_stop(struct vdb_loop *loop)
+{
+  struct io_uring_sqe *sqe = ring_sqe(loop);
+
+  if (sqe) {
+    io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
+    io_uring_sqe_set_data64(sqe, LOOP_UD_OWN);
+  }
+  loop->to_arm = NULL;   /* nothing is armed any more */
+  while (loop->ring_inflight > 0 && io_uring_submit_and_wait(loop->ring, 1) >= 0)
+    ring_dispatch(loop, true);
+  io_uring_queue_exit(loop->ring);
+  free(loop->ring);
+  loop->ring = NULL;
+  loop->uring = false;
+  loop->want_uring = false;
+  loop->to_arm = NULL;
+  while (loop->polls)
+    poll_free(loop, loop->polls);
+}
+
+static int ring_run(struct vdb_loop *loop)
+{
+  unsigned poll_us = 0;
+  int r = 0;
+
+  while (!loop->stop) {
+    if (io_uring_cq_ready(loop->ring) == 0) {
+      if (poll_us)
+        ring_poll(loop, poll_us);
+      if (io_uring_cq_ready(loop->ring) == 0 && (r = ring_wait(loop, loop_timeout_ns(loop), 1)) < 0)
+        break;
+    }
+    ring_dispatch(loop, false);
+    loop_fire_timers(loop);
+    if (loop->nap_us) {   /* submit what the round queued, then pause */
+      int64_t ns = (int64_t)loop->nap_us * 1000;
+      loop->nap_us = 0;
+      if (!loop->stop && (r = ring_wait(loop, ns, 2 * LOOP_RING_ENTRIES)) < 0)
+        break;
+    }
+    poll_us = loop->poll_us;
+    loop->poll_us = 0;
+  }
+  loop_run_calls(loop);
+  ring_stop(loop);
+  return r;
+}
+
 int vdb_loop_run(struct vdb_loop *loop)
 {
   struct epoll_event evs[64];
@@ -400,6 +797,12 @@ int vdb_loop_run(struct vdb_loop *loop)
   /* The pauses of vdb_loop_nap are tens of microseconds: the default timer
    * slack (50 us) would stretch each one to several times its length. */
   prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
+  if (loop->want_uring && ring_start(loop)) {
+    int r = ring_run(loop);
+    loop->stop = false;
+    current_loop = NULL;
+    return r;
+  }
   while (!loop->stop) {
     int n;
 
@@ -467,6 +870,7 @@ int vdb_workers_start(int n)
     r = vdb_loop_create(&w->loop);
     if (r < 0)
       goto err;
+    vdb_loop_want_uring(w->loop);
     r = -pthread_create(&w->thread, NULL, worker_main, w);
     if (r < 0) {
       vdb_loop_destroy(w->loop);

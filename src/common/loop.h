@@ -20,6 +20,7 @@ struct vdb_watch {
   uint32_t events; /* EPOLLIN | EPOLLOUT … (level-triggered) */
   void (*cb)(struct vdb_watch *w, uint32_t revents);
   void *arg;
+  void *priv;      /* the loop's: set by vdb_loop_watch */
 };
 
 /* A one-shot timer.  Owned by the caller. */
@@ -60,6 +61,21 @@ void vdb_loop_nap(struct vdb_loop *loop, unsigned us);
  * end of the round in which they fall due, so by at most us late. */
 void vdb_loop_poll(struct vdb_loop *loop, unsigned us);
 
+/* Waiting on io_uring instead of epoll ("ring mode"): worker loops wait in
+ * io_uring_enter, each watch is a one-shot IORING_OP_POLL_ADD re-armed after
+ * its callback (so level-triggered, as with epoll), and a pause is a timed
+ * wait that also submits what the round queued: one system call where epoll
+ * needs an epoll_wait, a clock_nanosleep and a sendmsg.  Asked for before
+ * vdb_loop_run, which falls back to epoll if the kernel lacks what ring mode
+ * needs (IORING_SETUP_DEFER_TASKRUN, 6.1) or VDBUS_LOOP=epoll is set.  In
+ * ring mode, watch/modify/unwatch must be called on the loop's thread once
+ * it runs. */
+void vdb_loop_want_uring(struct vdb_loop *loop);
+/* The loop waits on its io_uring (and is not stopping): an SQE queued now
+ * goes out with the loop's next wait or pause, without a system call of its
+ * own. */
+bool vdb_loop_is_uring(const struct vdb_loop *loop);
+
 /* Run until vdb_loop_stop().  Returns 0 or -errno. */
 int vdb_loop_run(struct vdb_loop *loop);
 void vdb_loop_stop(struct vdb_loop *loop); /* any thread */
@@ -81,6 +97,12 @@ struct io_uring *vdb_loop_uring(void);
  * is full), or NULL. */
 struct io_uring_sqe *vdb_loop_get_sqe(void);
 void vdb_uring_set_op(struct io_uring_sqe *sqe, struct vdb_uring_op *op);
+/* Ring mode: an SQE for an operation that usually completes as soon as it
+ * is submitted (a send into a socket with room), so that the loop's next
+ * wait does not end for that completion alone: it waits for one more, or
+ * at most 1 ms more in case this one did not complete at once.  NULL when
+ * vdb_loop_get_sqe would give one too and it is not ring mode, or none. */
+struct io_uring_sqe *vdb_loop_get_sqe_quick(void);
 
 /* The loop running on this thread, or NULL. */
 struct vdb_loop *vdb_loop_current(void);

@@ -511,6 +511,84 @@ def t_no_trial(d):
     eq(pause_decisions(d), [], "trial decisions with both modes off")
 
 
+RING_LINE = re.compile(r": closed \(sent (\d+) times and received (\d+) through the ring\)")
+
+
+def ring_counts(d):
+    """(sends, receives) through the ring of each closed connection (-D nbd)."""
+    return [(int(a), int(b)) for a, b in RING_LINE.findall(d.log())]
+
+
+def busy_fio(uri, secs=3):
+    """fio's one thread at QD32 for secs: the client pausing suits."""
+    rc, out, err = fio(["--name=busy", "--ioengine=nbd", "--uri=" + uri, "--rw=randrw",
+                        "--bs=4k", "--iodepth=32", "--size=32M", "--time_based",
+                        "--runtime=%d" % secs])
+    if rc != 0:
+        fail("fio %s: exit %d\n%s\n%s" % (uri, rc, out[-3000:], err[-3000:]))
+
+
+@case("ring mode: worker loops wait on io_uring; a client's replies and its next requests "
+      "go through the ring (counted at close); fio verify, large requests and qemu-img "
+      "convert -W, Unix and TCP", timeout=300,
+      extra=["--coalesce-us", "200", "-D", "nbd,io"])
+def t_ring_mode(d):
+    if not have("fio"):
+        raise Skip("fio not installed")
+    log = d.log()
+    if "ring mode unavailable" in log:
+        raise Skip("this kernel has no io_uring ring mode: " +
+                   [ln for ln in log.splitlines() if "ring mode unavailable" in ln][0])
+    check("event loop: waiting on io_uring (ring mode)" in log,
+          "no worker loop in ring mode:\n" + d.log_tail())
+    d.plug("ram", "--size", "64M", "--name", "p", "--attach", "none")
+    for uri in [d.uri("p"), "nbd://127.0.0.1:%d/p" % d.port]:
+        before = len(ring_counts(d))
+        busy_fio(uri)
+        # fio's first connection only asks for the size; the one that does
+        # the I/O (thousands of requests) has its wake-ups through the ring
+        wait_for(lambda: any(s > 100 and r > 100 for s, r in ring_counts(d)[before:]),
+                 what="%s: a connection closed with sends and receives through the ring"
+                 % uri)
+    fio_verify(d, d.uri("p"), "ring-unix")
+    fio_verify(d, "nbd://127.0.0.1:%d/p" % d.port, "ring-tcp")
+    fio_verify_big(d.uri("p"), "ring-big-unix")
+    src = os.path.join(d.data_dir, "src.img")
+    random_file(src, 8 * MiB)
+    run_ok(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", "-W", "-m", "16", src,
+            "nbd://127.0.0.1:%d/p" % d.port])
+    h = d.nbd("p")
+    with open(src, "rb") as f:
+        eq(hashlib.sha256(h.pread(8 * MiB, 0)).hexdigest(), hashlib.sha256(f.read()).hexdigest(),
+           "8 MiB written by qemu-img convert -W -m 16, read back")
+    h.shutdown()
+
+
+@case("VDBUS_LOOP=epoll: worker loops wait in epoll_wait as before (nothing through the ring), "
+      "fio verify while pausing", daemon=False, timeout=300)
+def t_epoll_mode():
+    if not have("fio"):
+        raise Skip("fio not installed")
+    os.environ["VDBUS_LOOP"] = "epoll"
+    try:
+        d = Daemon(extra=["--coalesce-us", "200", "-D", "nbd,io"])
+    finally:
+        del os.environ["VDBUS_LOOP"]
+    try:
+        check("waiting on io_uring" not in d.log(), "a worker loop in ring mode under "
+              "VDBUS_LOOP=epoll:\n" + d.log_tail())
+        d.plug("ram", "--size", "32M", "--name", "p", "--attach", "none")
+        busy_fio(d.uri("p"))
+        wait_for(lambda: len(ring_counts(d)) >= 2, what="fio's two connections closed")
+        counts = ring_counts(d)
+        eq(counts, [(0, 0)] * len(counts), "sends and receives through the ring in epoll mode")
+        check(pause_decisions(d), "no trial decision logged for 3 s of QD32 fio")
+        fio_verify(d, d.uri("p"), "epoll-unix")
+        fio_verify(d, "nbd://127.0.0.1:%d/p" % d.port, "epoll-tcp")
+    finally:
+        d.stop()
+
+
 def splice_decisions(d):
     """The splice trial's decisions in the daemon log (-D nbd)."""
     return [ln for ln in d.log().splitlines() if ": splice trial: " in ln]

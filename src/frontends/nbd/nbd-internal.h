@@ -12,6 +12,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 
 #include "bus/bus.h"
@@ -99,6 +100,8 @@ struct nbd_req {
   struct nbd_req *next;         /* free list or output queue */
 };
 
+#define NBD_TX_IOV 128   /* iovecs in one sendmsg of replies */
+
 enum nbd_conn_state { NBD_CONN_HANDSHAKE, NBD_CONN_TRANSMISSION, NBD_CONN_CLOSING, NBD_CONN_DEAD };
 
 /* What a connection's worker thread does after a wake-up of it
@@ -141,6 +144,24 @@ struct nbd_conn {
   size_t pipe_len;              /* bytes of outq's head in the pipe, after out_off */
   bool primed;                  /* outq's head (spliced) has its first part in the pipe */
   bool no_splice;               /* pipe unavailable: plain sendmsg */
+  /* Ring mode (vdb_loop_is_uring): replies go out as an IORING_OP_SENDMSG
+   * submitted with the loop's next wait or pause, not a sendmsg of their
+   * own; outq's head stays put until it completes. */
+  struct vdb_uring_op tx_op;
+  struct msghdr tx_msg;
+  struct iovec tx_iov[NBD_TX_IOV];
+  bool tx_pending;              /* the SENDMSG is in the ring (holds a reference) */
+  bool tx_all;                  /* and holds all of outq */
+  bool tx_cancelled;            /* and asked to stop: the peer is gone */
+  /* Likewise the next input once the socket is empty: an IORING_OP_RECV
+   * into rbuf goes into the ring with the wait or pause, which then ends
+   * with the requests in rbuf, no recv of our own (the watch is off
+   * meanwhile).  So a wake-up costs one system call, io_uring_enter. */
+  struct vdb_uring_op rx_op;
+  size_t rx_want;
+  bool rx_pending;              /* the RECV is in the ring (holds a reference) */
+  bool rx_cancelled;
+  uint64_t ring_sends, ring_recvs;   /* how many went through the ring (-D nbd, at close) */
 
   struct nbd_req *free_reqs;
   unsigned nreqs;               /* allocated and not on the free list */

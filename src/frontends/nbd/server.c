@@ -10,6 +10,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <liburing.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -89,9 +90,10 @@ static void conn_update_events(struct nbd_conn *c)
 
   if (c->state == NBD_CONN_DEAD)
     return;
-  if ((c->state == NBD_CONN_HANDSHAKE || c->state == NBD_CONN_TRANSMISSION) && !c->throttled)
+  if ((c->state == NBD_CONN_HANDSHAKE || c->state == NBD_CONN_TRANSMISSION) && !c->throttled &&
+      !c->rx_pending)
     ev |= EPOLLIN;
-  if (!c->write_failed && (c->hsout.off < c->hsout.len || c->outq))
+  if (!c->write_failed && (c->hsout.off < c->hsout.len || (c->outq && !c->tx_pending)))
     ev |= EPOLLOUT;
   if (ev != c->events) {
     c->events = ev;
@@ -244,12 +246,46 @@ static int splice_head(struct nbd_conn *c)
   return 1;
 }
 
+static void nbd_conn_flush_sent(struct vdb_uring_op *op, int res);
+
+/* Ask the ring to cancel op; true if asked. */
+static bool ring_cancel(struct vdb_uring_op *op)
+{
+  struct io_uring_sqe *sqe = vdb_loop_get_sqe();
+
+  if (!sqe)
+    return false;
+  io_uring_prep_cancel(sqe, op, 0);
+  vdb_uring_set_op(sqe, NULL);
+  return true;
+}
+
+/* Ring mode: the replies in iov go out with the loop's next wait or pause
+ * (one system call for both) instead of by a sendmsg now.  False if not. */
+static bool send_async(struct nbd_conn *c, const struct iovec *iov, int n, bool all)
+{
+  struct io_uring_sqe *sqe;
+
+  if (!vdb_loop_is_uring(c->loop) || !(sqe = vdb_loop_get_sqe_quick()))
+    return false;
+  memcpy(c->tx_iov, iov, (size_t)n * sizeof *iov);
+  c->tx_msg = (struct msghdr){ .msg_iov = c->tx_iov, .msg_iovlen = (size_t)n };
+  c->tx_op.cb = nbd_conn_flush_sent;
+  io_uring_prep_sendmsg(sqe, c->fd, &c->tx_msg, MSG_NOSIGNAL);
+  vdb_uring_set_op(sqe, &c->tx_op);
+  c->tx_pending = true;
+  c->tx_all = all;
+  c->ring_sends++;
+  nbd_conn_ref(c);
+  return true;
+}
+
 static int send_outq(struct nbd_conn *c)
 {
-  enum { MAXIOV = 128 };
+  enum { MAXIOV = NBD_TX_IOV };
   struct iovec iov[MAXIOV];
 
-  while (c->outq) {
+  while (c->outq && !c->tx_pending) {
     int n = 0;
     size_t skip = c->out_off;
 
@@ -266,7 +302,8 @@ static int send_outq(struct nbd_conn *c)
     }
     /* Everything up to the next spliced payload (the head's header
      * included once its payload is primed), in one sendmsg. */
-    for (struct nbd_req *r = c->outq; r && n + 2 <= MAXIOV; r = r->next) {
+    struct nbd_req *r;
+    for (r = c->outq; r && n + 2 <= MAXIOV; r = r->next) {
       if (r->splice && r != c->outq)
         break;
       for (int i = 0; i < (r->splice ? 1 : r->niov); i++) {   /* a spliced payload: the pipe */
@@ -282,6 +319,8 @@ static int send_outq(struct nbd_conn *c)
       if (r->splice)
         break;
     }
+    if (send_async(c, iov, n, !r))
+      return 0;
     struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)n };
     ssize_t sent = sendmsg(c->fd, &msg, MSG_NOSIGNAL);
     if (sent < 0) {
@@ -306,6 +345,18 @@ void nbd_conn_flush(struct nbd_conn *c)
 {
   int r;
 
+  if (c->rx_pending && c->state != NBD_CONN_TRANSMISSION && !c->rx_cancelled)
+    c->rx_cancelled = ring_cancel(&c->rx_op);
+  if (c->tx_pending) {   /* its completion flushes again */
+    if (c->write_failed && !c->tx_cancelled)   /* a client that stopped reading must not hold it */
+      c->tx_cancelled = ring_cancel(&c->tx_op);
+    conn_update_events(c);
+    return;
+  }
+  if (c->rx_pending && c->state != NBD_CONN_TRANSMISSION) {
+    conn_update_events(c);   /* the RECV's completion flushes again */
+    return;
+  }
   for (int round = 0;; round++) {
     if (c->state == NBD_CONN_DEAD)
       return;
@@ -334,6 +385,30 @@ void nbd_conn_flush(struct nbd_conn *c)
     return;
   }
   conn_update_events(c);
+}
+
+/* The ring's SENDMSG of replies (send_async) completed. */
+static void nbd_conn_flush_sent(struct vdb_uring_op *op, int res)
+{
+  struct nbd_conn *c = (struct nbd_conn *)((char *)op - offsetof(struct nbd_conn, tx_op));
+
+  c->tx_pending = false;
+  c->tx_cancelled = false;
+  if (c->state != NBD_CONN_DEAD) {
+    if (res > 0) {
+      outq_consume(c, (size_t)res);
+    } else if (res < 0 && res != -EAGAIN && res != -EINTR && !c->write_failed) {
+      if (res == -EFAULT)
+        vdb_warn("NBD %s: a read's memory became unreadable while it was sent: closing",
+                 c->peer);
+      vdb_dbg(VDB_DBG_NBD, "%s: send: %s", c->peer, strerror(-res));
+      c->write_failed = true;
+      conn_drop_output(c);
+      conn_mark_closing(c);
+    }
+    nbd_conn_flush(c);
+  }
+  nbd_conn_unref(c);
 }
 
 /* ---- closing ---- */
@@ -428,7 +503,8 @@ static void conn_destroy(struct nbd_conn *c)
   c->disk = NULL;
   nbd_hs_release(&c->hs);
   nbd_obuf_free(&c->hsout);
-  vdb_dbg(VDB_DBG_NBD, "%s: closed", c->peer);
+  vdb_dbg(VDB_DBG_NBD, "%s: closed (sent %llu times and received %llu through the ring)",
+          c->peer, (unsigned long long)c->ring_sends, (unsigned long long)c->ring_recvs);
   conn_forget(c);
 }
 
@@ -580,9 +656,23 @@ static void conn_process(struct nbd_conn *c)
     nbd_tx_process(c);
 }
 
+/* Make room at the end of rbuf. */
+static void rbuf_compact(struct nbd_conn *c)
+{
+  if (c->rstart == c->rend) {
+    c->rstart = c->rend = 0;
+  } else if (c->rend == NBD_RBUF_SIZE || c->rstart > NBD_RBUF_SIZE / 2) {
+    memmove(c->rbuf, c->rbuf + c->rstart, c->rend - c->rstart);
+    c->rend -= c->rstart;
+    c->rstart = 0;
+  }
+}
+
 /* Read what the socket has (bounded, to stay fair to other connections). */
 static void conn_read(struct nbd_conn *c)
 {
+  if (c->rx_pending)   /* rbuf is the ring's until its RECV completes */
+    return;
   c->rx_drained = false;
   for (int i = 0; i < 16; i++) {
     ssize_t n;
@@ -597,13 +687,7 @@ static void conn_read(struct nbd_conn *c)
       if (n == -2)
         n = recv(c->fd, r->buf + c->payload_got, want, 0);
     } else {
-      if (c->rstart == c->rend)
-        c->rstart = c->rend = 0;
-      else if (c->rend == NBD_RBUF_SIZE || c->rstart > NBD_RBUF_SIZE / 2) {
-        memmove(c->rbuf, c->rbuf + c->rstart, c->rend - c->rstart);
-        c->rend -= c->rstart;
-        c->rstart = 0;
-      }
+      rbuf_compact(c);
       want = NBD_RBUF_SIZE - c->rend;
       n = recv(c->fd, c->rbuf + c->rend, want, 0);
     }
@@ -863,7 +947,7 @@ static void conn_coalesce(struct nbd_conn *c)
   if (now - c->nap_t0 >= c->nap_len_ns)
     nap_next(c, now);
   if ((c->nap_mode == NBD_MODE_PAUSE || c->nap_mode == NBD_MODE_PAUSE_SHORT) &&
-      c->rx_drained && !c->outq && c->hsout.len == 0)
+      c->rx_drained && (!c->outq || (c->tx_pending && c->tx_all)) && c->hsout.len == 0)
     vdb_loop_nap(c->loop, pause_us(c->nap_mode));
   else if (c->nap_mode == NBD_MODE_POLL)
     vdb_loop_poll(c->loop, vdb_nbd_settings.poll_us);
@@ -941,6 +1025,76 @@ bool nbd_splice_choose(struct nbd_conn *c, size_t len)
   return !c->sp_copy;
 }
 
+static void conn_received(struct vdb_uring_op *op, int res);
+
+/* Ring mode, after a wake-up that emptied the socket: the next input is
+ * received by the ring into rbuf (see rx_op). */
+static void conn_recv_async(struct nbd_conn *c)
+{
+  struct io_uring_sqe *sqe;
+
+  if (!vdb_loop_is_uring(c->loop) || c->rx_pending || !c->rx_drained ||
+      c->state != NBD_CONN_TRANSMISSION || c->throttled || c->payload_req)
+    return;
+  rbuf_compact(c);
+  if (c->rend == NBD_RBUF_SIZE || !(sqe = vdb_loop_get_sqe()))
+    return;
+  c->rx_want = NBD_RBUF_SIZE - c->rend;
+  c->rx_op.cb = conn_received;
+  io_uring_prep_recv(sqe, c->fd, c->rbuf + c->rend, c->rx_want, 0);
+  vdb_uring_set_op(sqe, &c->rx_op);
+  c->rx_pending = true;
+  c->ring_recvs++;
+  nbd_conn_ref(c);
+  conn_update_events(c);   /* the watch is off meanwhile */
+}
+
+/* After input: send, decide the pause, maybe receive through the ring. */
+static void conn_after_input(struct nbd_conn *c)
+{
+  c->in_handler = false;
+  nbd_conn_flush(c);
+  conn_coalesce(c);
+  if (c->state == NBD_CONN_TRANSMISSION)
+    conn_recv_async(c);
+}
+
+/* The ring's RECV (conn_recv_async) completed. */
+static void conn_received(struct vdb_uring_op *op, int res)
+{
+  struct nbd_conn *c = (struct nbd_conn *)((char *)op - offsetof(struct nbd_conn, rx_op));
+
+  c->rx_pending = false;
+  c->rx_cancelled = false;
+  if (c->state == NBD_CONN_DEAD) {
+    nbd_conn_unref(c);
+    return;
+  }
+  c->in_handler = true;
+  if (c->state != NBD_CONN_TRANSMISSION || res == -ECANCELED) {
+    /* closing: what came is not read */
+  } else if (res > 0) {
+    c->rend += (size_t)res;
+    c->rx_drained = false;
+    conn_process(c);
+    if ((size_t)res < c->rx_want && !c->payload_req)
+      c->rx_drained = true;
+    else
+      conn_read(c);   /* more is there, or a payload goes in place */
+  } else if (res == 0) {
+    vdb_dbg(VDB_DBG_NBD, "%s: end of input", c->peer);
+    if (c->payload_req || c->rend > c->rstart)
+      nbd_conn_kill(c);   /* truncated message */
+    else
+      nbd_conn_close(c);
+  } else if (res != -EAGAIN && res != -EINTR) {
+    vdb_dbg(VDB_DBG_NBD, "%s: recv: %s", c->peer, strerror(-res));
+    nbd_conn_kill(c);
+  }
+  conn_after_input(c);
+  nbd_conn_unref(c);
+}
+
 static void conn_on_event(struct vdb_watch *w, uint32_t revents)
 {
   struct nbd_conn *c = w->arg;
@@ -951,9 +1105,7 @@ static void conn_on_event(struct vdb_watch *w, uint32_t revents)
     conn_read(c);
   if (c->state == NBD_CONN_CLOSING && (revents & (EPOLLHUP | EPOLLERR)) && !c->outq)
     c->write_failed = true;
-  c->in_handler = false;
-  nbd_conn_flush(c);
-  conn_coalesce(c);
+  conn_after_input(c);
   nbd_conn_unref(c);
 }
 

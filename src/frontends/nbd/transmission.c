@@ -560,6 +560,11 @@ void nbd_tx_process(struct nbd_conn *c)
       return;
     }
     len = c->hs.extended ? get64(p + 24) : get32(p + 24);
+    /* A small write is taken once it is all in rbuf, as a partial header
+     * is: its payload is then stored from there, and the recv that brings
+     * its rest brings what follows too, instead of a recv of its own. */
+    if (get16(p + 6) == NBD_CMD_WRITE && len <= NBD_RBUF_SIZE / 2 && avail < hlen + len)
+      return;
     c->rstart += hlen;
     tx_request(c, get16(p + 4), get16(p + 6), get64(p + 8), get64(p + 16), len);
   }
