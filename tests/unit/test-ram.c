@@ -2,7 +2,10 @@
  * threads at once. */
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <string.h>
+#include <sys/utsname.h>
+#include <unistd.h>
 
 #include "backends/registry.h"
 #include "bus/bus.h"
@@ -53,6 +56,88 @@ static void *writer(void *arg)
       return (void *)1;
   }
   return NULL;
+}
+
+/* kB of this process's anonymous memory in huge pages. */
+static long anon_huge_kb(void)
+{
+  char line[256];
+  long kb = -1;
+  FILE *f = fopen("/proc/self/smaps_rollup", "r");
+
+  if (!f)
+    return -1;
+  while (fgets(line, sizeof line, f))
+    if (sscanf(line, "AnonHugePages: %ld kB", &kb) == 1)
+      break;
+  fclose(f);
+  return kb;
+}
+
+static bool thp_always(void)
+{
+  char buf[128] = "";
+  FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+
+  if (f) {
+    if (!fgets(buf, sizeof buf, f))
+      buf[0] = 0;
+    fclose(f);
+  }
+  return strstr(buf, "[always]") != NULL;
+}
+
+/* Linux 6.1 or later: MADV_COLLAPSE. */
+static bool collapse_kernel(void)
+{
+  struct utsname u;
+  int major = 0, minor = 0;
+
+  return uname(&u) == 0 && sscanf(u.release, "%d.%d", &major, &minor) == 2 &&
+         (major > 6 || (major == 6 && minor >= 1));
+}
+
+/* A 2 MiB region written completely becomes one huge page (the disk's
+ * collapser thread, MADV_COLLAPSE); its data stays; a 4 KiB trim inside it
+ * reads as zeroes and splits it again; a region written only in part stays
+ * in 4 KiB pages. */
+static void test_collapse(void)
+{
+  static uint8_t buf[65536], rbuf[65536];
+  const uint64_t region = 8u << 20;   /* the disk's 5th 2 MiB region */
+  long before = anon_huge_kb(), kb = before;
+
+  if (before < 0 || thp_always()) {
+    printf("test-ram: huge pages not checked (no smaps_rollup, or THP always)\n");
+    return;
+  }
+  for (uint64_t off = 0; off < (2u << 20) - 4096; off += sizeof buf) {   /* all but 4 KiB */
+    uint64_t len = off + sizeof buf > (2u << 20) - 4096 ? (2u << 20) - 4096 - off : sizeof buf;
+    memset(buf, (int)(off >> 16) + 1, sizeof buf);
+    CHECK(io(VDB_REQ_WRITE, 0, region + off, len, buf) == 0);
+  }
+  usleep(200000);
+  CHECK(anon_huge_kb() == before);   /* not full: no huge page */
+  memset(buf, 0x5a, 4096);
+  CHECK(io(VDB_REQ_WRITE, 0, region + (2u << 20) - 4096, 4096, buf) == 0);
+  for (int i = 0; i < 100 && (kb = anon_huge_kb()) < before + 2048; i++)
+    usleep(20000);
+  if (kb < before + 2048 && (!collapse_kernel() || getenv("VDBUS_RAM_COLLAPSE"))) {
+    printf("test-ram: no huge page after 2 s (VDBUS_RAM_COLLAPSE set, or Linux < 6.1)\n");
+    return;
+  }
+  CHECK(kb == before + 2048);
+  for (uint64_t off = 0; off < (2u << 20) - 4096; off += sizeof rbuf) {
+    uint64_t len = off + sizeof rbuf > (2u << 20) - 4096 ? (2u << 20) - 4096 - off : sizeof rbuf;
+    CHECK(io(VDB_REQ_READ, 0, region + off, len, rbuf) == 0 && rbuf[0] == (off >> 16) + 1 &&
+          rbuf[len - 1] == (off >> 16) + 1);
+  }
+  CHECK(io(VDB_REQ_READ, 0, region + (2u << 20) - 4096, 4096, rbuf) == 0 && rbuf[0] == 0x5a &&
+        rbuf[4095] == 0x5a);
+  CHECK(io(VDB_REQ_TRIM, 0, region + 65536, 4096, NULL) == 0);
+  CHECK(io(VDB_REQ_READ, 0, region + 61440, 3 * 4096, rbuf) == 0 && rbuf[4095] == 1 &&
+        all_zero(rbuf + 4096, 4096) && rbuf[8192] == 2);
+  CHECK(anon_huge_kb() == before);   /* split by the trim */
 }
 
 static void test_threads(void)
@@ -129,6 +214,7 @@ int main(void)
   CHECK(io(VDB_REQ_WRITE, 0, 1u << 20, 60000, buf) == 0);
   CHECK(io(VDB_REQ_READ, 0, 1u << 20, 60000, rbuf) == 0 && memcmp(rbuf, buf, 60000) == 0);
   memset(buf, 0xab, sizeof buf);
+  test_collapse();
 
   /* The last, partial byte of the disk. */
   CHECK(io(VDB_REQ_WRITE, 0, disk->size - 1, 1, buf) == 0);
