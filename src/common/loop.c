@@ -424,16 +424,22 @@ void vdb_loop_stop(struct vdb_loop *loop)
   (void)r;
 }
 
-static int loop_timeout_ms(struct vdb_loop *loop)
+/* Until the next timer is due, or -1 for no timer. */
+static int64_t loop_timeout_ns(struct vdb_loop *loop)
 {
   uint64_t now;
 
   if (!loop->timers)
     return -1;
   now = vdb_now_ns();
-  if (loop->timers->deadline_ns <= now)
-    return 0;
-  return (int)((loop->timers->deadline_ns - now + 999999) / 1000000);
+  return loop->timers->deadline_ns <= now ? 0 : (int64_t)(loop->timers->deadline_ns - now);
+}
+
+static int loop_timeout_ms(struct vdb_loop *loop)
+{
+  int64_t ns = loop_timeout_ns(loop);
+
+  return ns < 0 ? -1 : (int)((ns + 999999) / 1000000);
 }
 
 static void loop_fire_timers(struct vdb_loop *loop)
@@ -727,16 +733,6 @@ static void ring_dispatch(struct vdb_loop *loop, bool stopping)
   }
 }
 
-static int64_t loop_timeout_ns(struct vdb_loop *loop)
-{
-  uint64_t now;
-
-  if (!loop->timers)
-    return -1;
-  now = vdb_now_ns();
-  return loop->timers->deadline_ns <= now ? 0 : (int64_t)(loop->timers->deadline_ns - now);
-}
-
 /* Leave ring mode, on the loop's thread: cancel what is in the ring, wait
  * for the operations (their buffers belong to others), free the polls. */
 static void ring_stop(struct vdb_loop *loop)
@@ -755,7 +751,6 @@ static void ring_stop(struct vdb_loop *loop)
   loop->ring = NULL;
   loop->uring = false;
   loop->want_uring = false;
-  loop->to_arm = NULL;
   while (loop->polls)
     poll_free(loop, loop->polls);
 }

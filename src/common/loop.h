@@ -101,7 +101,7 @@ void vdb_uring_set_op(struct io_uring_sqe *sqe, struct vdb_uring_op *op);
  * is submitted (a send into a socket with room), so that the loop's next
  * wait does not end for that completion alone: it waits for one more, or
  * at most 1 ms more in case this one did not complete at once.  NULL when
- * vdb_loop_get_sqe would give one too and it is not ring mode, or none. */
+ * the current loop is not in ring mode, or no SQE is free. */
 struct io_uring_sqe *vdb_loop_get_sqe_quick(void);
 
 /* The loop running on this thread, or NULL. */

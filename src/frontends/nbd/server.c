@@ -266,7 +266,7 @@ static bool send_async(struct nbd_conn *c, const struct iovec *iov, int n, bool 
 {
   struct io_uring_sqe *sqe;
 
-  if (!vdb_loop_is_uring(c->loop) || !(sqe = vdb_loop_get_sqe_quick()))
+  if (!(sqe = vdb_loop_get_sqe_quick()))   /* NULL unless in ring mode */
     return false;
   memcpy(c->tx_iov, iov, (size_t)n * sizeof *iov);
   c->tx_msg = (struct msghdr){ .msg_iov = c->tx_iov, .msg_iovlen = (size_t)n };
@@ -668,6 +668,16 @@ static void rbuf_compact(struct nbd_conn *c)
   }
 }
 
+/* The client closed its end: a message cut short is an error. */
+static void conn_input_end(struct nbd_conn *c)
+{
+  vdb_dbg(VDB_DBG_NBD, "%s: end of input", c->peer);
+  if (c->payload_req || c->rend > c->rstart)
+    nbd_conn_kill(c);   /* truncated message */
+  else
+    nbd_conn_close(c);
+}
+
 /* Read what the socket has (bounded, to stay fair to other connections). */
 static void conn_read(struct nbd_conn *c)
 {
@@ -701,11 +711,7 @@ static void conn_read(struct nbd_conn *c)
       break;
     }
     if (n == 0) {
-      vdb_dbg(VDB_DBG_NBD, "%s: end of input", c->peer);
-      if (c->payload_req || c->rend > c->rstart)
-        nbd_conn_kill(c);   /* truncated message */
-      else
-        nbd_conn_close(c);
+      conn_input_end(c);
       break;
     }
     if (c->payload_req)
@@ -1082,11 +1088,7 @@ static void conn_received(struct vdb_uring_op *op, int res)
     else
       conn_read(c);   /* more is there, or a payload goes in place */
   } else if (res == 0) {
-    vdb_dbg(VDB_DBG_NBD, "%s: end of input", c->peer);
-    if (c->payload_req || c->rend > c->rstart)
-      nbd_conn_kill(c);   /* truncated message */
-    else
-      nbd_conn_close(c);
+    conn_input_end(c);
   } else if (res != -EAGAIN && res != -EINTR) {
     vdb_dbg(VDB_DBG_NBD, "%s: recv: %s", c->peer, strerror(-res));
     nbd_conn_kill(c);
