@@ -106,7 +106,8 @@ enum vdb_req_type {
  * itself: a file truncated behind the backend's back makes it unreadable
  * (EFAULT), not a crash.  Concurrent writes to the range may then show in
  * the data, as they may for any read that overlaps them.  The NBD server
- * and the loop frontend ask for it on every read. */
+ * and the loop frontend ask for it on every read; the file backend uses it
+ * for reads of 64 KiB and more. */
 #define VDB_REQ_MAP       (1u << 4)
 
 /* Extent flags: the same bits as NBD's base:allocation context. */

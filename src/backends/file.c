@@ -63,6 +63,13 @@ static void file_writer_start(struct file *f);
 static void file_writer_stop(struct file *f);
 
 #define FILE_MAP_MAX_PAGES 8192   /* reads up to 32 MiB are answered from the mapping */
+/* Smaller reads are copied by preadv2 instead: the mapping's answer costs a
+ * mincore() call as well, and the first touch of a page through it a page
+ * fault in the kernel that sends it.  fio 4k randread QD32, one job, 4 GiB
+ * file in the page cache, server CPU per request, 3 interleaved reps: Unix
+ * 8.41 -> 7.01 us, TCP 12.52 -> 9.18.  1 MiB reads keep the mapping (they
+ * are spliced from it over a Unix socket). */
+#define FILE_MAP_MIN (64u << 10)
 
 static const uint8_t zero_chunk[FILE_ZERO_CHUNK];
 
@@ -605,7 +612,8 @@ static void file_read(void *handle, struct vdb_req *req)
   uint8_t *buf = req->buf;
   uint64_t done = 0;
 
-  if ((req->flags & VDB_REQ_MAP) && file_resident(f, req->offset, req->len)) {
+  if ((req->flags & VDB_REQ_MAP) && req->len >= FILE_MAP_MIN &&
+      file_resident(f, req->offset, req->len)) {
     req->buf = f->map + req->offset;
     vdb_req_complete(req, 0);
     return;
