@@ -106,9 +106,15 @@ enum vdb_req_type {
  * itself: a file truncated behind the backend's back makes it unreadable
  * (EFAULT), not a crash.  Concurrent writes to the range may then show in
  * the data, as they may for any read that overlaps them.  The NBD server
- * and the loop frontend ask for it on every read; the file backend uses it
- * for reads of 64 KiB and more. */
+ * and the loop frontend ask for it on every read. */
 #define VDB_REQ_MAP       (1u << 4)
+/* READ with VDB_REQ_MAP: the submitter will pass the memory on by
+ * reference (vmsplice into a socket), not copy it.  A backend whose memory
+ * is dearer to copy from than its own copy would be (a file's page cache
+ * through a mapping: page faults, and a TLB miss per 4 KiB page) answers
+ * from it only when this is set.  The NBD server sets it on reads of 64 KiB
+ * and more over a Unix socket. */
+#define VDB_REQ_MAP_SPLICE (1u << 5)
 
 /* Extent flags: the same bits as NBD's base:allocation context. */
 #define VDB_EXTENT_HOLE (1u << 0) /* unallocated */

@@ -665,8 +665,8 @@ def t_file_disk(d):
     r.shutdown()
 
 
-@case("file disk: reads come from the page cache (mapped: spliced over Unix, copied "
-      "over TCP) or from the file, and stay right after writes, cache drops and a "
+@case("file disk: reads come from the page cache (64 KiB and more over Unix: mapped "
+      "and spliced; else copied by preadv2) or from the file, and stay right after writes, cache drops and a "
       "truncation behind vdbus's back")
 def t_file_large_reads(d):
     for name, tcp in [("fl", False), ("flt", True)]:

@@ -323,8 +323,11 @@ static void tx_submit(struct nbd_conn *c, struct nbd_req *r)
   v->opaque = r;
   /* Replies are sent (spliced, or copied by sendmsg) from the backend's
    * memory, which stays put while we hold the disk: one copy fewer. */
-  if (r->cmd == NBD_CMD_READ)
+  if (r->cmd == NBD_CMD_READ) {
     v->flags |= VDB_REQ_MAP;
+    if (v->len >= NBD_SPLICE_MIN && !c->no_splice)
+      v->flags |= VDB_REQ_MAP_SPLICE;
+  }
   if (r->cflags & NBD_CMD_FLAG_FUA)
     v->flags |= VDB_REQ_FUA;
   if (r->cflags & NBD_CMD_FLAG_NO_HOLE)
