@@ -511,7 +511,8 @@ def t_no_trial(d):
     eq(pause_decisions(d), [], "trial decisions with both modes off")
 
 
-RING_LINE = re.compile(r": closed \(sent (\d+) times and received (\d+) through the ring\)")
+RING_LINE = re.compile(r": closed \(sent (\d+) times and received (\d+) through the ring;")
+PAYLOAD_LINE = re.compile(r"(\S+): closed \(.*; (\d+) bytes of large payloads in (\d+) receives\)")
 
 
 def ring_counts(d):
@@ -562,6 +563,41 @@ def t_ring_mode(d):
         eq(hashlib.sha256(h.pread(8 * MiB, 0)).hexdigest(), hashlib.sha256(f.read()).hexdigest(),
            "8 MiB written by qemu-img convert -W -m 16, read back")
     h.shutdown()
+
+
+@case("TCP: a large WRITE's payload is received once it is all there (SO_RCVLOWAT), not "
+      "a segment at a time, and the mark is dropped for what follows: fio 1M writes take "
+      "at most 2.5 receives per MiB; fio verify 4k-1M over TCP; Unix unaffected",
+      timeout=300, extra=["-D", "nbd"])
+def t_tcp_lowat(d):
+    if not have("fio"):
+        raise Skip("fio not installed")
+    d.plug("ram", "--size", "256M", "--name", "w", "--attach", "none")
+
+    def payload_counts(tcp):
+        return [(int(b), int(n)) for peer, b, n in PAYLOAD_LINE.findall(d.log())
+                if peer.startswith("127.0.0.1:") == tcp and int(b) >= 64 * MiB]
+
+    for tcp, uri in [(True, "nbd://127.0.0.1:%d/w" % d.port), (False, d.uri("w"))]:
+        before = len(payload_counts(tcp))
+        rc, out, err = fio(["--name=seqw", "--ioengine=nbd", "--uri=" + uri, "--rw=write",
+                            "--bs=1M", "--iodepth=8", "--size=256M", "--loops=2"])
+        if rc != 0:
+            fail("fio %s: exit %d\n%s\n%s" % (uri, rc, out[-3000:], err[-3000:]))
+        wait_for(lambda: len(payload_counts(tcp)) > before,
+                 what="fio's writing connection closed (%s)" % uri)
+        nbytes, nrecv = payload_counts(tcp)[-1]
+        per_mib = nrecv / (nbytes / MiB)
+        print("# %s: %d receives for %d MiB of 1 MiB payloads (%.2f per MiB)"
+              % ("TCP" if tcp else "Unix", nrecv, nbytes // MiB, per_mib))
+        if tcp:
+            check(per_mib <= 2.5, "TCP: %d receives for %d MiB of 1 MiB payloads (%.2f per MiB)"
+                  % (nrecv, nbytes // MiB, per_mib))
+        else:
+            check(per_mib >= 1.0, "Unix: %.2f receives per MiB" % per_mib)
+    # Large and small writes mixed: a header after a payload must wake us.
+    fio_verify_big("nbd://127.0.0.1:%d/w" % d.port, "lowat-tcp")
+    fio_verify(d, "nbd://127.0.0.1:%d/w" % d.port, "lowat-tcp-4k")
 
 
 @case("VDBUS_LOOP=epoll: worker loops wait in epoll_wait as before (nothing through the ring), "

@@ -162,6 +162,10 @@ struct nbd_conn {
   bool rx_pending;              /* the RECV is in the ring (holds a reference) */
   bool rx_cancelled;
   uint64_t ring_sends, ring_recvs;   /* how many went through the ring (-D nbd, at close) */
+  uint64_t payload_bytes, payload_recvs;   /* large payloads received in place (ditto) */
+
+  bool tcp;                     /* a TCP connection: SO_RCVLOWAT for payloads */
+  int lowat;                    /* SO_RCVLOWAT now (conn_lowat) */
 
   struct nbd_req *free_reqs;
   unsigned nreqs;               /* allocated and not on the free list */
@@ -226,6 +230,7 @@ struct nbd_conn {
 #define NBD_SPLICE_ROUNDS  4              /* slots each of splicing and copying in a trial */
 #define NBD_SPLICE_MIN_BYTES (8u << 20)   /* fewer large read bytes on a side: keep splicing */
 #define NBD_COPY_GAIN      125            /* copying must raise the read rate to this % */
+#define NBD_LOWAT_MAX      (1u << 20)     /* most SO_RCVLOWAT asked for a payload's rest */
 #define NBD_DRAIN_MS      5000            /* a closing connection's time to take its replies */
 #define NBD_SNDBUF        (4u << 20)      /* Unix socket send buffer asked for */
 #define NBD_PIPE_SIZE     (1u << 20)      /* pipe capacity asked for */

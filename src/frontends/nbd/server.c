@@ -503,8 +503,10 @@ static void conn_destroy(struct nbd_conn *c)
   c->disk = NULL;
   nbd_hs_release(&c->hs);
   nbd_obuf_free(&c->hsout);
-  vdb_dbg(VDB_DBG_NBD, "%s: closed (sent %llu times and received %llu through the ring)",
-          c->peer, (unsigned long long)c->ring_sends, (unsigned long long)c->ring_recvs);
+  vdb_dbg(VDB_DBG_NBD, "%s: closed (sent %llu times and received %llu through the ring; "
+          "%llu bytes of large payloads in %llu receives)",
+          c->peer, (unsigned long long)c->ring_sends, (unsigned long long)c->ring_recvs,
+          (unsigned long long)c->payload_bytes, (unsigned long long)c->payload_recvs);
   conn_forget(c);
 }
 
@@ -714,9 +716,11 @@ static void conn_read(struct nbd_conn *c)
       conn_input_end(c);
       break;
     }
-    if (c->payload_req)
+    if (c->payload_req) {
       c->payload_got += (size_t)n;
-    else
+      c->payload_bytes += (size_t)n;
+      c->payload_recvs++;
+    } else
       c->rend += (size_t)n;
     conn_process(c);
     /* A short read drained the socket: the next recv would only say EAGAIN
@@ -1055,10 +1059,39 @@ static void conn_recv_async(struct nbd_conn *c)
   conn_update_events(c);   /* the watch is off meanwhile */
 }
 
+/* TCP: while a large WRITE's payload is coming in, the socket is to say
+ * it is readable only once the rest of it is there (up to NBD_LOWAT_MAX),
+ * not at every segment; the mark is back at 1 before we wait for anything
+ * else (a header must wake us).  Called after every input event, so a
+ * payload that completed anywhere in it resets the mark.  The kernel wakes
+ * us early anyway if its receive buffer cannot hold the mark, and at the
+ * end of input.  Loopback TCP delivers a 1 MiB payload in 64 KiB segments:
+ * fio 1M write QD8 to a RAM disk went from 5.3 to 1.7 receives per MiB, the
+ * server from 162 to 124 us per MiB and the rate from 4,021 to 5,539 MiB/s.
+ * (A Unix socket's poll does not look at SO_RCVLOWAT.) */
+static void conn_lowat(struct nbd_conn *c)
+{
+  int want = 1;
+
+  if (!c->tcp || c->state != NBD_CONN_TRANSMISSION)
+    return;   /* closing: no more input is read */
+  if (c->payload_req) {
+    size_t rest = c->payload_req->len - c->payload_got;
+    want = rest > NBD_LOWAT_MAX ? (int)NBD_LOWAT_MAX : rest > 1 ? (int)rest : 1;
+  }
+  if (want == c->lowat)
+    return;
+  if (setsockopt(c->fd, SOL_SOCKET, SO_RCVLOWAT, &want, sizeof want) == 0)
+    c->lowat = want;
+  else
+    c->tcp = false;   /* not to be had: leave it */
+}
+
 /* After input: send, decide the pause, maybe receive through the ring. */
 static void conn_after_input(struct nbd_conn *c)
 {
   c->in_handler = false;
+  conn_lowat(c);
   nbd_conn_flush(c);
   conn_coalesce(c);
   if (c->state == NBD_CONN_TRANSMISSION)
@@ -1226,6 +1259,8 @@ static void accept_one(struct nbd_listener *l, int fd)
      * slower than the sender copies them (1.5-1.7 vs 2.3-2.5 GB/s for 1 MiB
      * reads), so TCP replies are sent by copy, with autotuned buffers. */
     c->no_splice = true;
+    c->tcp = true;
+    c->lowat = 1;
   } else
     set_sndbuf(fd);
   peer_name(fd, l->is_unix, c->peer, sizeof c->peer);
