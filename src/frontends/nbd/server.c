@@ -1068,7 +1068,9 @@ static void conn_recv_async(struct nbd_conn *c)
  * end of input.  Loopback TCP delivers a 1 MiB payload in 64 KiB segments:
  * fio 1M write QD8 to a RAM disk went from 5.3 to 1.7 receives per MiB, the
  * server from 162 to 124 us per MiB and the rate from 4,021 to 5,539 MiB/s.
- * (A Unix socket's poll does not look at SO_RCVLOWAT.) */
+ * (A Unix socket's poll does not look at SO_RCVLOWAT.)  Plain sockets
+ * only: under TLS, bytes a library had already taken from the socket would
+ * not wake us. */
 static void conn_lowat(struct nbd_conn *c)
 {
   int want = 1;
