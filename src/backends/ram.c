@@ -29,6 +29,7 @@
 #include <vdbus/backend.h>
 
 #include "common/copy.h"
+#include "common/thp.h"
 
 #define RAM_PAGE 4096u
 #define RAM_HUGE (2u << 20)        /* a region one huge page maps */
@@ -71,20 +72,6 @@ static inline bool bit_test(struct ram *r, uint64_t pg)
   return atomic_load_explicit(&r->bitmap[pg >> 6], memory_order_relaxed) >> (pg & 63) & 1;
 }
 
-/* THP "always" would give a sparse disk a huge page per first write. */
-static bool thp_always(void)
-{
-  char buf[128] = "";
-  FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
-
-  if (f) {
-    if (!fgets(buf, sizeof buf, f))
-      buf[0] = 0;
-    fclose(f);
-  }
-  return strstr(buf, "[always]") != NULL;
-}
-
 /* Reserve the disk's address space, aligned to RAM_HUGE so that its
  * regions can be huge pages.  Returns 0 or -errno. */
 static int ram_map(struct ram *r)
@@ -103,7 +90,8 @@ static int ram_map(struct ram *r)
   if ((uintptr_t)p + len > a + r->map_size)
     munmap((uint8_t *)a + r->map_size, (uintptr_t)p + len - (a + r->map_size));
   r->base = (uint8_t *)a;
-  r->collapse = !(env && strcmp(env, "0") == 0) && !thp_always();
+  /* THP "always" would give a sparse disk a huge page per first write. */
+  r->collapse = !(env && strcmp(env, "0") == 0) && !vdb_thp_always();
   if (!r->collapse)
     madvise(r->base, r->map_size, MADV_NOHUGEPAGE);
   return 0;

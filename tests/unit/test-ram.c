@@ -9,6 +9,7 @@
 
 #include "backends/registry.h"
 #include "bus/bus.h"
+#include "common/thp.h"
 #include "tap.h"
 
 static struct vdb_disk *disk;
@@ -74,19 +75,6 @@ static long anon_huge_kb(void)
   return kb;
 }
 
-static bool thp_always(void)
-{
-  char buf[128] = "";
-  FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
-
-  if (f) {
-    if (!fgets(buf, sizeof buf, f))
-      buf[0] = 0;
-    fclose(f);
-  }
-  return strstr(buf, "[always]") != NULL;
-}
-
 /* Linux 6.1 or later: MADV_COLLAPSE. */
 static bool collapse_kernel(void)
 {
@@ -107,7 +95,7 @@ static void test_collapse(void)
   const uint64_t region = 8u << 20;   /* the disk's 5th 2 MiB region */
   long before = anon_huge_kb(), kb = before;
 
-  if (before < 0 || thp_always()) {
+  if (before < 0 || vdb_thp_always()) {
     printf("test-ram: huge pages not checked (no smaps_rollup, or THP always)\n");
     return;
   }
