@@ -1078,8 +1078,8 @@ static void conn_lowat(struct nbd_conn *c)
   if (!c->tcp || c->state != NBD_CONN_TRANSMISSION)
     return;   /* closing: no more input is read */
   if (c->payload_req) {
-    size_t rest = c->payload_req->len - c->payload_got;
-    want = rest > NBD_LOWAT_MAX ? (int)NBD_LOWAT_MAX : rest > 1 ? (int)rest : 1;
+    size_t rest = c->payload_req->len - c->payload_got;   /* >= 1 while it is pending */
+    want = rest > NBD_LOWAT_MAX ? (int)NBD_LOWAT_MAX : (int)rest;
   }
   if (want == c->lowat)
     return;
