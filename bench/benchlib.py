@@ -566,7 +566,9 @@ def limits_report(a):
     without vdbus: for one-job rows the rate of fio's one thread at 100% of a
     core (as client_ceiling); for the file disk's 1M write rows the fastest
     bench/filewrite run (1 MiB from a socket into a file, no protocol), if
-    --filewrite is given; for every row, the least server (bench/minsrv, the
+    --filewrite is given; for its 1M read rows the fastest bench/fileread run
+    on that transport (1 MiB from a cached file into a socket, no protocol),
+    if --fileread is given; for every row, the least server (bench/minsrv, the
     "floor" side of the ram rows, same transport) with the same fio: its rate
     bounds the rate and its CPU per request the server CPU; for every 1M row,
     with --xfer, the transport alone (bench/xfer, run next to each of those
@@ -577,6 +579,7 @@ def limits_report(a):
     past is shown and not counted."""
     rows = read_tsv(a.tsv)
     fw = read_filewrite(a.filewrite)
+    fr = read_fileread(a.fileread)
     xf = read_xfer(a.xfer)
     out = ["| target | transport | workload | measure | vdbus | need | limit measured in this run | beyond it |",
            "|---|---|---|---|---|---|---|---|"]
@@ -604,6 +607,12 @@ def limits_report(a):
                         best = max(fw[mode])
                         lims.append((best, f"socket into a file, no protocol (bench/filewrite, fastest "
                                      f"run: {mode}): {fmt(best, 'MiB/s')}", False))
+                    frt = {m: v for (k, m), v in fr.items() if k == t}
+                    if name == "file" and w.startswith("1M-read") and frt:
+                        mode = max(frt, key=lambda m: max(x[0] for x in frt[m]))
+                        best = max(x[0] for x in frt[mode])
+                        lims.append((best, f"a cached file into the socket, no protocol (bench/fileread, "
+                                     f"fastest run: {mode}): {fmt(best, 'MiB/s')}", False))
                     if fl is not None:
                         lims.append((fl[0], f"the least server (bench/minsrv) with the same fio: "
                                      f"{fmt(fl[0], res['unit'])}", True))
@@ -825,6 +834,21 @@ def filewrite_table(tsv):
     return 0
 
 
+def read_fileread(tsv):
+    """bench/stream's fileread TSV: {(transport, mode): [(MiB/s, server µs/MiB,
+    receiver µs/MiB) per rep]}; {} without a file."""
+    return read_keyed(tsv, 2) if tsv and os.path.exists(tsv) else {}
+
+
+def fileread_table(tsv):
+    print("| transport | method | MiB/s | server CPU µs/MiB | receiver CPU µs/MiB |")
+    print("|---|---|---|---|---|")
+    for (kind, mode), v in read_fileread(tsv).items():
+        print(f"| {kind} | {mode} | {med_range([x[0] for x in v], '{:,.0f}')} "
+              f"| {med_range([x[1] for x in v], '{:.0f}')} | {med_range([x[2] for x in v], '{:.0f}')} |")
+    return 0
+
+
 SYSCOST_DESC = {
     "syscall": "a bare system call (getppid)",
     "epoll-ready": "epoll_wait() returning at once",
@@ -875,6 +899,7 @@ def main():
     t = sub.add_parser("limits")
     t.add_argument("--tsv", required=True, help="bench/run's TSV")
     t.add_argument("--filewrite", help="bench/stream's filewrite TSV (optional)")
+    t.add_argument("--fileread", help="bench/stream's fileread TSV (optional)")
     t.add_argument("--xfer", help="bench/run's xfer TSV (optional)")
     t = sub.add_parser("floor-table")
     t.add_argument("--tsv", required=True, help="bench/run's TSV")
@@ -901,6 +926,8 @@ def main():
     x = sub.add_parser("stream-table")
     x.add_argument("tsv")
     x = sub.add_parser("filewrite-table")
+    x.add_argument("tsv")
+    x = sub.add_parser("fileread-table")
     x.add_argument("tsv")
     x = sub.add_parser("syscost-table")
     x.add_argument("tsv")
@@ -939,6 +966,8 @@ def main():
         return xfer_table(a)
     if a.cmd == "filewrite-table":
         return filewrite_table(a.tsv)
+    if a.cmd == "fileread-table":
+        return fileread_table(a.tsv)
     if a.cmd == "syscost-table":
         return syscost_table(a.tsv)
     if a.cmd == "stream-table":
