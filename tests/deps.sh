@@ -7,7 +7,7 @@ export DEBIAN_FRONTEND=noninteractive
 PKGS=(meson ninja-build pkg-config gcc liburing-dev libfuse3-dev fuse3 libnbd-dev
       libjansson-dev libgnutls28-dev libnl-genl-3-dev nbdkit libnbd-bin python3-libnbd
       qemu-utils fio e2fsprogs help2man kmod fdisk qemu-system-x86 busybox-static
-      util-linux make xfsprogs
+      util-linux make xfsprogs strace
       ceph-mon ceph-osd ceph-common librbd-dev librados-dev python3-rbd python3-rados)
 
 missing=()

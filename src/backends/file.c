@@ -9,8 +9,8 @@
  * once (RWF_NOWAIT) are done inline; other reads and flushes go through the
  * loop's io_uring, other writes to the disk's writer thread (below).  On
  * other threads (FUSE) they are synchronous; the rarer operations are
- * synchronous everywhere.  Writes go into the page cache in pieces of at
- * most FILE_WRITE_CHUNK. */
+ * synchronous everywhere.  Writes that create page cache go into it in
+ * pieces of at most FILE_WRITE_CHUNK. */
 #include <errno.h>
 #include <stdatomic.h>
 #include <fcntl.h>
@@ -43,7 +43,9 @@
  * on ext4, after a 32 KiB fill 233k (64 KiB: 145k, 4 KiB: 299k), while
  * sequential writes run as fast in 32 KiB pieces as in 1 MiB ones
  * (docs/performance.md).  So the file backend writes in pieces of this
- * size, and a disk image it writes stays cheap to write at random. */
+ * size, and a disk image it writes stays cheap to write at random; a write
+ * whose range the page cache holds already keeps the folios there and goes
+ * in one call (file_piece). */
 #define FILE_WRITE_CHUNK (32u << 10)
 
 struct file {
@@ -253,6 +255,7 @@ _Static_assert(sizeof(struct file_aio) <= sizeof(((struct vdb_req *)0)->backend_
                "file_aio must fit in backend_priv");
 
 static void file_aio_cb(struct vdb_uring_op *op, int res);
+static uint64_t file_piece(struct file *f, uint64_t off, uint64_t len);
 
 /* Queue the (rest of the) request; false if no SQE could be had. */
 static bool file_aio_queue(struct file_aio *a)
@@ -270,8 +273,9 @@ static bool file_aio_queue(struct file_aio *a)
     io_uring_prep_read(sqe, a->f->fd, buf, len, (uint64_t)off);
     break;
   case VDB_REQ_WRITE:
-    if (!(req->flags & VDB_REQ_FUA) && len > FILE_WRITE_CHUNK)
-      len = FILE_WRITE_CHUNK;   /* the rest when it completes; FUA: one piece, one sync */
+    if (!(req->flags & VDB_REQ_FUA))
+      len = (unsigned)file_piece(a->f, (uint64_t)off, len);   /* the rest when it completes;
+                                                                * FUA: one piece, one sync */
     io_uring_prep_write(sqe, a->f->fd, buf, len, (uint64_t)off);
     if (req->flags & VDB_REQ_FUA)
       sqe->rw_flags = RWF_DSYNC;
@@ -545,19 +549,30 @@ static bool file_resident(struct file *f, uint64_t off, uint64_t len)
   return true;
 }
 
+/* The most a buffered write of len bytes at off puts into the page cache
+ * per call.  FILE_WRITE_CHUNK sizes the folios a write creates; where the
+ * page cache holds the whole range already, its folios stay as they are
+ * whatever the call's size, so one call does it. */
+static uint64_t file_piece(struct file *f, uint64_t off, uint64_t len)
+{
+  if (len <= FILE_WRITE_CHUNK || file_resident(f, off, len))
+    return len;
+  return FILE_WRITE_CHUNK;
+}
+
 /* A write with RWF_NOWAIT, in FILE_WRITE_CHUNK pieces: the bytes written
  * before a piece the page cache would not take at once, or (none written)
  * -1 with errno. */
 static ssize_t file_pwrite_nowait(struct file *f, const struct vdb_req *req)
 {
-  uint64_t done = 0;
+  uint64_t done = 0, piece = file_piece(f, req->offset, req->len);
 
   while (done < req->len) {
     struct iovec iov = { (uint8_t *)req->buf + done, req->len - done };
     ssize_t n;
 
-    if (iov.iov_len > FILE_WRITE_CHUNK)
-      iov.iov_len = FILE_WRITE_CHUNK;
+    if (iov.iov_len > piece)
+      iov.iov_len = piece;
     n = pwritev2(f->fd, &iov, 1, (off_t)(req->offset + done), RWF_NOWAIT);
     if (n <= 0)
       return done > 0 ? (ssize_t)done : n;
@@ -638,14 +653,15 @@ static void file_read(void *handle, struct vdb_req *req)
 
 static int file_pwrite_all(struct file *f, const void *buf, uint64_t len, uint64_t off, int rwflags)
 {
-  uint64_t done = 0;
+  /* a FUA write goes in one piece: one sync */
+  uint64_t done = 0, piece = (rwflags & RWF_DSYNC) ? len : file_piece(f, off, len);
 
   while (done < len) {
     struct iovec iov = { (uint8_t *)buf + done, len - done };
     ssize_t n;
 
-    if (!(rwflags & RWF_DSYNC) && iov.iov_len > FILE_WRITE_CHUNK)
-      iov.iov_len = FILE_WRITE_CHUNK;   /* a FUA write goes in one piece: one sync */
+    if (iov.iov_len > piece)
+      iov.iov_len = piece;
     n = pwritev2(f->fd, &iov, 1, (off_t)(off + done), rwflags);
     if (n < 0 && errno == EINTR)
       continue;

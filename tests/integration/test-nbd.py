@@ -329,6 +329,55 @@ def t_file_pieces(d):
         os.rmdir(mnt)
 
 
+def strace_writes(pid, action):
+    """Run action() with strace on every thread of process pid; the sizes
+    of the successful pwritev2/pwrite64 calls it saw, in order."""
+    log = "/tmp/vdbtest-strace-%d.log" % os.getpid()
+    tids = sorted(os.listdir("/proc/%d/task" % pid))
+    cmd = ["strace", "-qq", "-e", "trace=pwritev2,pwrite64", "-o", log]
+    for t in tids:
+        cmd += ["-p", t]
+    st = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+    try:
+        time.sleep(1.0)   # attached (strace has no "ready" signal)
+        if st.poll() is not None:
+            fail("strace exited: %s" % st.stderr.read().decode(errors="replace"))
+        action()
+        time.sleep(0.3)
+    finally:
+        st.send_signal(signal.SIGINT)
+        st.wait(10)
+    with open(log) as f:
+        text = f.read()
+    os.unlink(log)
+    return [int(m) for m in re.findall(r"^\d*\s*pwrite(?:v2|64)\(.*\)\s+= (\d+)$", text, re.M)]
+
+
+@case("file disk: a big write into a range the page cache holds already goes in one call (its "
+      "folios stay as they are), one into an uncached range in 32 KiB pieces (strace counts)",
+      root=True)
+def t_file_piece_calls(d):
+    if not have("strace"):
+        raise Skip("strace not installed")
+    path = plug_file(d, "f", "8M")
+    h = d.nbd("f")
+    a, b = os.urandom(MiB), os.urandom(MiB)
+    fresh = strace_writes(d.proc.pid, lambda: h.pwrite(a, 2 * MiB))
+    eq(fresh, [32 * 1024] * 32, "write calls for 1 MiB into an uncached range")
+    cached = strace_writes(d.proc.pid, lambda: h.pwrite(b, 2 * MiB))
+    eq(cached, [MiB], "write calls for 1 MiB into a range the page cache holds")
+    half = strace_writes(d.proc.pid, lambda: h.pwrite(a, 2 * MiB + 512 * 1024))
+    check(len(half) > 1 and sum(half) == MiB, "half-cached 1 MiB write went as %r" % half)
+    eq(h.pread(512 * 1024, 2 * MiB), b[:512 * 1024], "first half, from the second write")
+    eq(h.pread(MiB, 2 * MiB + 512 * 1024), a, "the half-cached write")
+    h.flush()
+    h.shutdown()
+    with open(path, "rb") as f:
+        f.seek(2 * MiB)
+        eq(f.read(512 * 1024) + f.read(MiB), b[:512 * 1024] + a, "the image holds the writes")
+
+
 @case("file disk on a full filesystem (32 MiB ext4 under a 64 MiB image): the writes that find "
       "no space fail with ENOSPC and the connection goes on; what was written before reads back, "
       "rewrites in place and flush work, and the image holds the data after unplug", root=True)
