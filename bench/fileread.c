@@ -48,6 +48,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "instrument.h"
+
 #define MiB (1u << 20)
 #define NBUF 8
 
@@ -62,26 +64,6 @@ static char *bufs[NBUF];
 static uint64_t head, tail;   /* under mu */
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
-
-static void die(const char *what)
-{
-  perror(what);
-  exit(1);
-}
-
-static double now(void)
-{
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
-}
-
-static double thread_cpu(void)
-{
-  struct timespec t;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-  return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
-}
 
 /* The client: 1 MiB at a time into 8 MiB of buffers, until the sender
  * shuts the socket down. */

@@ -51,6 +51,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "instrument.h"
+
 #define MiB (1u << 20)
 #define NBUF 8
 
@@ -68,26 +70,6 @@ static uint64_t head, tail;   /* under mu */
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static double writer_cpu;
-
-static void die(const char *what)
-{
-  perror(what);
-  exit(1);
-}
-
-static double now(void)
-{
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
-}
-
-static double thread_cpu(void)
-{
-  struct timespec t;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-  return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
-}
 
 static void *sender(void *arg)
 {

@@ -49,6 +49,7 @@
 #include <immintrin.h>
 #endif
 
+#include "instrument.h"
 #include "nbd-proto.h"
 
 #define MiB ((size_t)1 << 20)
@@ -60,12 +61,6 @@ static char *region;
 static size_t region_len;   /* a power of two */
 static uint64_t export_size;
 static __thread bool structured;   /* this connection's NBD_OPT_STRUCTURED_REPLY */
-
-static void die(const char *what)
-{
-  perror(what);
-  exit(1);
-}
 
 /* All LEN bytes in (recv) or out (send); false on EOF or error. */
 static bool full_io(int fd, void *p, size_t len, bool out)

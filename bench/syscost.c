@@ -29,16 +29,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "instrument.h"
+
 static int sv[2];
 static char rxbuf[1 << 20];
 static atomic_bool stop;
-
-static double thread_cpu(void)
-{
-  struct timespec t;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-  return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
 
 static void pin(int cpu)
 {

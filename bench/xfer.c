@@ -48,6 +48,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "instrument.h"
+
 #define MiB ((size_t)1 << 20)
 
 enum mode { MODE_SEND, MODE_ZEROCOPY, MODE_SPLICE };
@@ -58,12 +60,6 @@ static size_t src_len, dst_len;  /* multiples of 1 MiB */
 static enum mode mode = MODE_SEND;
 static atomic_bool stop;
 static _Atomic uint64_t rx_bytes, rx_calls;
-
-static void die(const char *what)
-{
-  perror(what);
-  exit(1);
-}
 
 static void usage(void)
 {
