@@ -102,6 +102,7 @@ def t_fio(d):
     dev = d.disk("f")["device"]
     rc, out, err = run(["fio", "--name=v", "--filename=" + dev, "--ioengine=io_uring", "--direct=1",
                         "--rw=randwrite", "--bs=4k", "--size=32M", "--iodepth=16", "--verify=crc32c",
+                        "--verify_state_save=0",
                         "--verify_fatal=1", "--output-format=json"], timeout=240)
     if rc != 0 and "io_uring" in (out + err) and "not supported" in (out + err).lower():
         raise Skip("io_uring not available")
@@ -129,7 +130,8 @@ def t_fio_large(d):
         for rw in ("write", "randwrite"):
             rc, out, err = run(["fio", "--name=v", "--filename=" + dev, "--ioengine=io_uring",
                                 "--direct=1", "--rw=" + rw, "--bssplit=4k/10:64k/20:256k/30:1m/40",
-                                "--size=80M", "--iodepth=8", "--verify=crc32c", "--verify_fatal=1",
+                                "--size=80M", "--iodepth=8", "--verify=crc32c",
+                                "--verify_state_save=0", "--verify_fatal=1",
                                 "--randrepeat=0", "--output-format=json"], timeout=240)
             if rc != 0 and "io_uring" in (out + err) and "not supported" in (out + err).lower():
                 raise Skip("io_uring not available")

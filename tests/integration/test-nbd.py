@@ -267,7 +267,8 @@ def fio(args, timeout=300):
 def fio_verify(d, uri, name):
     rc, out, err = fio(["--name=" + name, "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite",
                         "--bs=4k", "--size=16M", "--offset_increment=16M", "--numjobs=2",
-                        "--iodepth=16", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                        "--iodepth=16", "--verify=crc32c", "--verify_state_save=0",
+                        "--verify_fatal=1", "--do_verify=1",
                         "--group_reporting=0"])
     if rc != 0:
         fail("fio %s: exit %d\n%s\n%s" % (uri, rc, out[-3000:], err[-3000:]))
@@ -295,7 +296,8 @@ def fio_verify_big(uri, name):
     ones into the page cache in pieces), every block read back and checked."""
     rc, out, err = fio(["--name=" + name, "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite",
                         "--bssplit=4k/20:12k/10:60k/10:100k/10:256k/20:1m/30", "--size=48M",
-                        "--iodepth=8", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                        "--iodepth=8", "--verify=crc32c", "--verify_state_save=0",
+                        "--verify_fatal=1", "--do_verify=1",
                         "--randrepeat=0"])
     if rc != 0:
         fail("fio %s: exit %d\n%s\n%s" % (uri, rc, out[-3000:], err[-3000:]))

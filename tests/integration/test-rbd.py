@@ -261,12 +261,14 @@ def t_fio(d):
     plug_new(d, "f", "32M")
     rc, out, err = run(["fio", "--name=rbd", "--ioengine=nbd", "--uri=" + d.uri("f"),
                         "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=8M",
-                        "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                        "--verify=crc32c", "--verify_state_save=0",
+                        "--verify_fatal=1", "--do_verify=1",
                         "--randrepeat=0"], timeout=200)
     eq(rc, 0, "fio verify: %s %s" % (out[-2000:], err[-2000:]))
     rc, out, err = run(["fio", "--name=rbd2", "--ioengine=nbd", "--uri=" + d.uri("f", tcp=True),
                         "--rw=write", "--bs=64k", "--iodepth=8", "--size=8M", "--offset=16M",
-                        "--verify=crc32c", "--verify_fatal=1", "--do_verify=1"], timeout=200)
+                        "--verify=crc32c", "--verify_state_save=0",
+                        "--verify_fatal=1", "--do_verify=1"], timeout=200)
     eq(rc, 0, "fio sequential verify: %s %s" % (out[-2000:], err[-2000:]))
     eq(d.info("f")["stats"]["errors"], 0, "no errors")
 
