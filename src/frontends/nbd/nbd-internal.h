@@ -164,6 +164,7 @@ struct nbd_conn {
   uint64_t ring_sends, ring_recvs;   /* how many went through the ring (-D nbd, at close) */
   uint64_t payload_bytes, payload_recvs;   /* large payloads received in place (ditto) */
 
+  bool rx_peek;                 /* the last WRITE was large: read the next header short (rx_cap) */
   bool tcp;                     /* a TCP connection: SO_RCVLOWAT for payloads */
   int lowat;                    /* SO_RCVLOWAT now (conn_lowat) */
 
@@ -231,6 +232,7 @@ struct nbd_conn {
 #define NBD_SPLICE_MIN_BYTES (8u << 20)   /* fewer large read bytes on a side: keep splicing */
 #define NBD_COPY_GAIN      125            /* copying must raise the read rate to this % */
 #define NBD_LOWAT_MAX      (1u << 20)     /* most SO_RCVLOWAT asked for a payload's rest */
+#define NBD_PEEK_SIZE      4096           /* rbuf read after a large WRITE (rx_cap) */
 #define NBD_DRAIN_MS      5000            /* a closing connection's time to take its replies */
 #define NBD_SNDBUF        (4u << 20)      /* Unix socket send buffer asked for */
 #define NBD_PIPE_SIZE     (1u << 20)      /* pipe capacity asked for */

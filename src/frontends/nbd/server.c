@@ -670,6 +670,20 @@ static void rbuf_compact(struct nbd_conn *c)
   }
 }
 
+/* How much to read into rbuf, at most, of the room it has.  After a large
+ * WRITE, the next one is likely large too: what rbuf takes of its payload
+ * is copied again (from rbuf into the disk or the request's buffer) where
+ * the rest goes in place, so then only a header's worth and a little is
+ * read into rbuf (NBD_PEEK_SIZE), once.  A small request read short costs
+ * a second recv at worst. */
+static size_t rx_cap(struct nbd_conn *c, size_t room)
+{
+  if (!c->rx_peek || room <= NBD_PEEK_SIZE)
+    return room;
+  c->rx_peek = false;
+  return NBD_PEEK_SIZE;
+}
+
 /* The client closed its end: a message cut short is an error. */
 static void conn_input_end(struct nbd_conn *c)
 {
@@ -700,7 +714,7 @@ static void conn_read(struct nbd_conn *c)
         n = recv(c->fd, r->buf + c->payload_got, want, 0);
     } else {
       rbuf_compact(c);
-      want = NBD_RBUF_SIZE - c->rend;
+      want = rx_cap(c, NBD_RBUF_SIZE - c->rend);
       n = recv(c->fd, c->rbuf + c->rend, want, 0);
     }
     if (n < 0) {
@@ -1049,7 +1063,7 @@ static void conn_recv_async(struct nbd_conn *c)
   rbuf_compact(c);
   if (c->rend == NBD_RBUF_SIZE || !(sqe = vdb_loop_get_sqe()))
     return;
-  c->rx_want = NBD_RBUF_SIZE - c->rend;
+  c->rx_want = rx_cap(c, NBD_RBUF_SIZE - c->rend);
   c->rx_op.cb = conn_received;
   io_uring_prep_recv(sqe, c->fd, c->rbuf + c->rend, c->rx_want, 0);
   vdb_uring_set_op(sqe, &c->rx_op);

@@ -442,6 +442,7 @@ static void tx_request(struct nbd_conn *c, uint16_t flags, uint16_t cmd, uint64_
   if (cmd == NBD_CMD_WRITE) {
     c->payload_req = r;
     c->payload_got = 0;
+    c->rx_peek = len >= NBD_SPLICE_MIN;
     return;
   }
   tx_submit(c, r);
