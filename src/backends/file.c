@@ -560,7 +560,7 @@ static uint64_t file_piece(struct file *f, uint64_t off, uint64_t len)
   return FILE_WRITE_CHUNK;
 }
 
-/* A write with RWF_NOWAIT, in FILE_WRITE_CHUNK pieces: the bytes written
+/* A write with RWF_NOWAIT, in pieces (file_piece): the bytes written
  * before a piece the page cache would not take at once, or (none written)
  * -1 with errno. */
 static ssize_t file_pwrite_nowait(struct file *f, const struct vdb_req *req)
