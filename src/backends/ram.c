@@ -11,6 +11,9 @@
  * Linux 6.1), which is what random I/O into a full disk wants: one TLB
  * entry and page-table entry per 2 MiB (on this project's test hosts, whose
  * TLB misses are dear, 4 KiB writes into a full disk cost a third less CPU).
+ * Full regions wait in a bitmap, so however fast a disk is filled none is
+ * dropped (a bounded queue dropped those it had no room for, and they were
+ * collapsed only when next written: by the first I/O after the fill).
  * A trim inside such a region splits it again.  Not with THP "always", where
  * the mapping must refuse huge pages outright (MADV_NOHUGEPAGE), nor under
  * VDBUS_RAM_COLLAPSE=0.
@@ -34,8 +37,8 @@
 #define RAM_PAGE 4096u
 #define RAM_HUGE (2u << 20)        /* a region one huge page maps */
 #define RAM_HUGE_WORDS (RAM_HUGE / RAM_PAGE / 64)
-#define RAM_QUEUE 1024             /* regions waiting for the collapser */
 #define RAM_MAX_SIZE (1ull << 46) /* 64 TiB of address space */
+#define RAM_RETRIES 100            /* passes over regions the kernel found busy */
 
 struct ram {
   uint8_t *base;      /* RAM_HUGE-aligned */
@@ -43,16 +46,18 @@ struct ram {
   uint64_t map_size;  /* rounded up to pages */
   _Atomic uint64_t *bitmap; /* bit set = page written */
   /* Huge pages for full regions (see the top).  huge: bit set = the region
-   * was full and went to the collapser (cleared by a trim in it). */
+   * was full and went to the collapser (cleared by a trim in it); pending:
+   * bit set = the collapser has yet to collapse the region. */
   _Atomic uint64_t *huge;
+  _Atomic uint64_t *pending;
+  uint64_t huge_words;        /* words of huge and pending */
   _Atomic bool collapse;      /* try it (off after EINVAL: an older kernel) */
   bool collapser_on;
   pthread_t collapser;
   pthread_mutex_t lock;
   pthread_cond_t cond;
-  uint64_t queue[RAM_QUEUE];  /* regions, under lock */
-  unsigned qhead, qlen;
-  bool stop;
+  bool work;                  /* under lock: pending bits were set */
+  _Atomic bool stop;
 };
 
 static inline void bit_set(struct ram *r, uint64_t pg)
@@ -101,27 +106,73 @@ static int ram_map(struct ram *r)
 #define MADV_COLLAPSE 25
 #endif
 
+static bool region_full(struct ram *r, uint64_t region)
+{
+  for (unsigned i = 0; i < RAM_HUGE_WORDS; i++)
+    if (atomic_load_explicit(&r->bitmap[region * RAM_HUGE_WORDS + i], memory_order_relaxed) !=
+        ~0ull)
+      return false;
+  return true;
+}
+
+/* Collapse the regions pending in one pass over the bitmap.  Returns true
+ * if one is pending again: the kernel found it busy (EAGAIN) and retry. */
+static bool ram_collapse_pass(struct ram *r, bool retry)
+{
+  bool again = false;
+
+  for (uint64_t w = 0; w < r->huge_words && !atomic_load(&r->stop); w++) {
+    uint64_t bits = atomic_exchange_explicit(&r->pending[w], 0, memory_order_relaxed);
+
+    while (bits && atomic_load_explicit(&r->collapse, memory_order_relaxed)) {
+      uint64_t g = w * 64 + (uint64_t)__builtin_ctzll(bits);
+      uint64_t m = 1ull << (g & 63);
+
+      bits &= bits - 1;
+      /* Trimmed since it was full: the collapse would fill its holes. */
+      if (!(atomic_load_explicit(&r->huge[w], memory_order_relaxed) & m) || !region_full(r, g))
+        continue;
+      /* The kernel copies the region into a huge page under its own locks;
+       * writes and trims meanwhile are safe (they wait or split it again). */
+      if (madvise(r->base + g * RAM_HUGE, RAM_HUGE, MADV_COLLAPSE) == 0)
+        continue;
+      if (errno == EINVAL) {
+        r->collapse = false;   /* not this kernel */
+      } else if (errno == EAGAIN && retry) {
+        atomic_fetch_or_explicit(&r->pending[w], m, memory_order_relaxed);
+        again = true;
+      }
+      /* ENOMEM and the rest: no huge page to be had; the region stays in
+       * small pages (a trim and rewrite tries again). */
+    }
+  }
+  return again;
+}
+
 static void *ram_collapser(void *arg)
 {
   struct ram *r = arg;
+  unsigned retries = 0;
 
   pthread_mutex_lock(&r->lock);
   for (;;) {
-    uint64_t region;
+    bool again;
 
-    while (!r->stop && r->qlen == 0)
+    while (!r->stop && !r->work)
       pthread_cond_wait(&r->cond, &r->lock);
     if (r->stop)
       break;
-    region = r->queue[r->qhead];
-    r->qhead = (r->qhead + 1) % RAM_QUEUE;
-    r->qlen--;
+    r->work = false;
     pthread_mutex_unlock(&r->lock);
-    /* The kernel copies the region into a huge page under its own locks;
-     * writes and trims meanwhile are safe (they wait or split it again). */
-    if (madvise(r->base + region * RAM_HUGE, RAM_HUGE, MADV_COLLAPSE) < 0 && errno == EINVAL)
-      r->collapse = false;   /* not this kernel */
+    /* Busy regions: try again a little later, for up to about a second
+     * (then they stay in small pages, as after ENOMEM). */
+    again = ram_collapse_pass(r, retries < RAM_RETRIES);
+    retries = again ? retries + 1 : 0;
+    if (again)
+      usleep(10000);
     pthread_mutex_lock(&r->lock);
+    if (again)
+      r->work = true;
   }
   pthread_mutex_unlock(&r->lock);
   return NULL;
@@ -137,15 +188,6 @@ static void ram_collapser_start(struct ram *r)
     r->collapse = false;
 }
 
-static bool region_full(struct ram *r, uint64_t region)
-{
-  for (unsigned i = 0; i < RAM_HUGE_WORDS; i++)
-    if (atomic_load_explicit(&r->bitmap[region * RAM_HUGE_WORDS + i], memory_order_relaxed) !=
-        ~0ull)
-      return false;
-  return true;
-}
-
 /* Hand the regions of [off, off+len) that are now full to the collapser. */
 static void ram_collapse_full(struct ram *r, uint64_t off, uint64_t len)
 {
@@ -156,12 +198,11 @@ static void ram_collapse_full(struct ram *r, uint64_t off, uint64_t len)
         (atomic_load_explicit(&r->huge[g >> 6], memory_order_relaxed) & m) || !region_full(r, g) ||
         (atomic_fetch_or_explicit(&r->huge[g >> 6], m, memory_order_relaxed) & m))
       continue;
+    atomic_fetch_or_explicit(&r->pending[g >> 6], m, memory_order_relaxed);
     pthread_mutex_lock(&r->lock);
-    if (r->qlen < RAM_QUEUE) {
-      r->queue[(r->qhead + r->qlen++) % RAM_QUEUE] = g;
+    if (!r->work) {
+      r->work = true;
       pthread_cond_signal(&r->cond);
-    } else {
-      atomic_fetch_and_explicit(&r->huge[g >> 6], ~m, memory_order_relaxed);   /* later */
     }
     pthread_mutex_unlock(&r->lock);
   }
@@ -193,11 +234,14 @@ static int ram_open(const struct vdb_params *params, void **handle, struct vdb_b
     return e;
   }
   r->bitmap = calloc((r->map_size / RAM_PAGE + 63) / 64, sizeof(uint64_t));
-  r->huge = calloc((r->map_size / RAM_HUGE + 63) / 64 + 1, sizeof(uint64_t));
-  if (!r->bitmap || !r->huge) {
+  r->huge_words = (r->map_size / RAM_HUGE + 63) / 64 + 1;
+  r->huge = calloc(r->huge_words, sizeof(uint64_t));
+  r->pending = calloc(r->huge_words, sizeof(uint64_t));
+  if (!r->bitmap || !r->huge || !r->pending) {
     munmap(r->base, r->map_size);
     free(r->bitmap);
     free(r->huge);
+    free(r->pending);
     free(r);
     return -ENOMEM;
   }
@@ -225,6 +269,7 @@ static void ram_close(void *handle)
   munmap(r->base, r->map_size);
   free(r->bitmap);
   free(r->huge);
+  free(r->pending);
   free(r);
 }
 
@@ -286,11 +331,13 @@ static void ram_punch(struct ram *r, uint64_t off, uint64_t len)
     memset(r->base + off, 0, a - off);
   if (b < end)
     memset(r->base + b, 0, end - b);
+  /* No longer full: first, so that the collapser leaves a region it has
+   * yet to collapse (collapsing it would fill the hole again). */
+  for (uint64_t g = a / RAM_HUGE; g <= (b - 1) / RAM_HUGE; g++)
+    atomic_fetch_and_explicit(&r->huge[g >> 6], ~(1ull << (g & 63)), memory_order_relaxed);
   madvise(r->base + a, b - a, MADV_DONTNEED);   /* splits a huge page it cuts into */
   for (uint64_t pg = a / RAM_PAGE; pg < b / RAM_PAGE; pg++)
     bit_clear(r, pg);
-  for (uint64_t g = a / RAM_HUGE; g <= (b - 1) / RAM_HUGE; g++)   /* no longer full */
-    atomic_fetch_and_explicit(&r->huge[g >> 6], ~(1ull << (g & 63)), memory_order_relaxed);
 }
 
 static void ram_trim(void *handle, struct vdb_req *req)
