@@ -331,13 +331,15 @@ static void ram_punch(struct ram *r, uint64_t off, uint64_t len)
     memset(r->base + off, 0, a - off);
   if (b < end)
     memset(r->base + b, 0, end - b);
-  /* No longer full: first, so that the collapser leaves a region it has
-   * yet to collapse (collapsing it would fill the hole again). */
+  /* The marks first, the pages after: the collapser then leaves a region
+   * it has yet to collapse (collapsing it would fill the hole again), and
+   * a write racing the trim can leave a page marked written that reads as
+   * zeroes, never one marked a hole that holds data. */
   for (uint64_t g = a / RAM_HUGE; g <= (b - 1) / RAM_HUGE; g++)
     atomic_fetch_and_explicit(&r->huge[g >> 6], ~(1ull << (g & 63)), memory_order_relaxed);
-  madvise(r->base + a, b - a, MADV_DONTNEED);   /* splits a huge page it cuts into */
   for (uint64_t pg = a / RAM_PAGE; pg < b / RAM_PAGE; pg++)
     bit_clear(r, pg);
+  madvise(r->base + a, b - a, MADV_DONTNEED);   /* splits a huge page it cuts into */
 }
 
 static void ram_trim(void *handle, struct vdb_req *req)
