@@ -619,7 +619,7 @@ def t_ring_mode(d):
 @case("TCP: a large WRITE's payload is received once it is all there (SO_RCVLOWAT), not "
       "a segment at a time, and the mark is dropped for what follows: fio 1M writes take "
       "at most 2.5 receives per MiB; fio verify 4k-1M over TCP; Unix unaffected. Over both, "
-      "after a large WRITE the next header is read short, so at least 98.5% of 1M writes' "
+      "after a large WRITE the next header is read short, so at least 97.5% of 1M writes' "
       "payloads go straight into the disk, not through the input buffer",
       timeout=300, extra=["-D", "nbd"])
 def t_tcp_lowat(d):
@@ -649,7 +649,10 @@ def t_tcp_lowat(d):
                   % (nrecv, nbytes // MiB, per_mib))
         else:
             check(per_mib >= 1.0, "Unix: %.2f receives per MiB" % per_mib)
-        check(in_place >= 0.985, "%s: only %.2f%% of 512 MiB of payloads received in place"
+        # 93.75% without the short header read (a full 64 KiB buffer read
+        # takes 1/16 of each payload); 99.3-99.6% with it in release builds,
+        # 98.46% seen once under ASan's timing.
+        check(in_place >= 0.975, "%s: only %.2f%% of 512 MiB of payloads received in place"
               % ("TCP" if tcp else "Unix", in_place * 100))
     # Large and small writes mixed: a header after a payload must wake us.
     fio_verify_big("nbd://127.0.0.1:%d/w" % d.port, "lowat-tcp")
