@@ -25,6 +25,8 @@ need() {
 }
 need_root() { [ "$(id -u)" = 0 ] || die "$1 needs root"; }
 
+source "$HERE/damon.sh"
+
 [ -x "$PY" ] || die "$PY not found (Debian's python3 is required)"
 
 # the source the binaries were built from (the working tree may be dirty)
@@ -72,6 +74,7 @@ _cleanup() {
     wait "$p" 2>/dev/null || true
   done
   [ -n "$W" ] && rm -rf "$W"
+  damon_resume
   exit $rc
 }
 
@@ -81,6 +84,7 @@ make_workspace() {
   trap _cleanup EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
+  damon_pause
   mkdir -p "$(dirname "$OUT")"
   : > "$TSV"
 }
