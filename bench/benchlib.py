@@ -462,7 +462,8 @@ def read_xfer(tsv):
     return read_keyed(tsv, 3) if tsv and os.path.exists(tsv) else {}
 
 
-XFER_HOW = {"send": "send()", "zerocopy": "send(MSG_ZEROCOPY)", "splice": "vmsplice + splice"}
+XFER_HOW = {"send": "send()", "zerocopy": "send(MSG_ZEROCOPY)", "splice": "vmsplice + splice",
+            "lowat": "send(), the receiver's SO_RCVLOWAT at 1 MiB"}
 
 
 def xfer_table(a):

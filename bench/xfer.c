@@ -9,7 +9,8 @@
  *   1M write  sender = the client, from 8 MiB; receiver = the server, into
  *             1 GiB (the disk's pages)
  *
- * Usage:  xfer [--mode send|zerocopy|splice] [--sndbuf BYTES] unix|tcp SRC DST SECONDS
+ * Usage:  xfer [--mode send|zerocopy|splice] [--sndbuf BYTES] [--rcvlowat]
+ *                unix|tcp SRC DST SECONDS
  *
  * SRC and DST are a size in MiB (anonymous memory, pre-faulted) or @FILE
  * (the whole file mapped shared and pre-faulted, e.g. one in /dev/shm, so
@@ -18,6 +19,10 @@
  * loopback the kernel copies on delivery), or vmsplice() into a pipe and
  * splice() into the socket (pages referenced).  --sndbuf sets SO_SNDBUF on
  * the sender's socket; absent, the kernel's default (autotuned on TCP).
+ * --rcvlowat sets SO_RCVLOWAT to 1 MiB on the receiver's socket, so that
+ * its blocking recv() of a message's rest returns once that rest is there,
+ * not at every segment (what vdbusd asks of a TCP socket while a large
+ * WRITE's payload comes in).
  *
  * After 0.5 s to settle, measures SECONDS and prints one line:
  *
@@ -63,7 +68,7 @@ static _Atomic uint64_t rx_bytes, rx_calls;
 
 static void usage(void)
 {
-  fprintf(stderr, "usage: xfer [--mode send|zerocopy|splice] [--sndbuf BYTES] "
+  fprintf(stderr, "usage: xfer [--mode send|zerocopy|splice] [--sndbuf BYTES] [--rcvlowat] "
                   "unix|tcp SRC DST SECONDS\n"
                   "  SRC, DST: MiB of anonymous memory, or @FILE to map\n");
   exit(2);
@@ -226,10 +231,11 @@ int main(int argc, char **argv)
   static const struct option opts[] = {
     { "mode", required_argument, NULL, 'm' },
     { "sndbuf", required_argument, NULL, 's' },
+    { "rcvlowat", no_argument, NULL, 'l' },
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
   };
-  int sndbuf = 0, c;
+  int sndbuf = 0, rcvlowat = 0, c;
   while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
     switch (c) {
     case 'm':
@@ -241,6 +247,9 @@ int main(int argc, char **argv)
         mode = MODE_SPLICE;
       else
         usage();
+      break;
+    case 'l':
+      rcvlowat = (int)MiB;
       break;
     case 's':
       sndbuf = atoi(optarg);
@@ -266,6 +275,8 @@ int main(int argc, char **argv)
   int one = 1;
   if (sndbuf > 0 && setsockopt(sfd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf) < 0)
     die("SO_SNDBUF");
+  if (rcvlowat > 0 && setsockopt(rfd, SOL_SOCKET, SO_RCVLOWAT, &rcvlowat, sizeof rcvlowat) < 0)
+    die("SO_RCVLOWAT");
   if (mode == MODE_ZEROCOPY && setsockopt(sfd, SOL_SOCKET, SO_ZEROCOPY, &one, sizeof one) < 0)
     die("SO_ZEROCOPY");
 
