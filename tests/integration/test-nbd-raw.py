@@ -418,33 +418,38 @@ def t_large_reads_slow(d):
 
 
 @case("large writes to a RAM disk (received straight into its pages): pipelined, odd offsets "
-      "and lengths, FUA, read back; counters", timeout=240)
+      "and lengths, FUA, read back; counters; over a Unix socket, over TCP (the rest of a "
+      "payload awaited with SO_RCVLOWAT) and with extended headers (the next 32-byte header "
+      "received with a payload's rest)", timeout=240)
 def t_large_writes(d):
     size = 48 * MiB
     setup(d, "r", "48M")
-    r = connect_raw_go(d, "r", structured=True)
-    data = bytearray(size)
     writes = [(0, MiB), (12345, 65536), (3 * MiB + 1, 2 * MiB - 3), (8 * MiB, 32 * MiB),
               (size - 65537, 65537), (5 * MiB, 65535), (44 * MiB + 7, 777 * 1024)]
-    st0 = d.info("r")["stats"]
-    for i, (off, ln) in enumerate(writes):
-        payload = pattern(100 + i, ln)
-        data[off:off + ln] = payload
-        r.request(CMD_WRITE, 10 + i, off, ln, flags=CMD_FLAG_FUA if i % 2 else 0, data=payload)
-    done = set()
-    while len(done) < len(writes):
-        rep = r.recv_reply()
-        eq(rep.error, 0, "write %d" % rep.handle)
-        done.add(rep.handle)
-    for off in range(0, size, 4 * MiB):
-        err, got, _ = r.cmd(CMD_READ, 99, off, 4 * MiB)
-        eq(err, 0, "read back")
-        if got != bytes(data[off:off + 4 * MiB]):
-            fail("data at %d..%d differs after large writes" % (off, off + 4 * MiB))
-    st = d.info("r")["stats"]
-    eq(st["writes"] - st0["writes"], len(writes), "write counter")
-    eq(st["bytes_written"] - st0["bytes_written"], sum(ln for _, ln in writes), "bytes counter")
-    r.disconnect()
+    data = bytearray(size)
+    for v, (tcp, ext) in enumerate([(False, False), (True, False), (True, True)]):
+        how = "%s%s" % ("TCP" if tcp else "Unix", ", extended headers" if ext else "")
+        r = connect_raw_go(d, "r", tcp=tcp, structured=not ext, extended=ext)
+        st0 = d.info("r")["stats"]
+        for i, (off, ln) in enumerate(writes):
+            payload = pattern(100 + 10 * v + i, ln)
+            data[off:off + ln] = payload
+            r.request(CMD_WRITE, 10 + i, off, ln, flags=CMD_FLAG_FUA if i % 2 else 0, data=payload)
+        done = set()
+        while len(done) < len(writes):
+            rep = r.recv_reply()
+            eq(rep.error, 0, "write %d (%s)" % (rep.handle, how))
+            done.add(rep.handle)
+        for off in range(0, size, 4 * MiB):
+            err, got, _ = r.cmd(CMD_READ, 99, off, 4 * MiB)
+            eq(err, 0, "read back (%s)" % how)
+            if got != bytes(data[off:off + 4 * MiB]):
+                fail("data at %d..%d differs after large writes (%s)" % (off, off + 4 * MiB, how))
+        st = d.info("r")["stats"]
+        eq(st["writes"] - st0["writes"], len(writes), "write counter (%s)" % how)
+        eq(st["bytes_written"] - st0["bytes_written"], sum(ln for _, ln in writes),
+           "bytes counter (%s)" % how)
+        r.disconnect()
     # A writer that dies in the middle of a large payload: the daemon is fine.
     r = connect_raw_go(d, "r")
     r.send(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, 1, 0, 8 * MiB) + bytes(3 * MiB))

@@ -618,7 +618,7 @@ def t_ring_mode(d):
 
 @case("TCP: a large WRITE's payload is received once it is all there (SO_RCVLOWAT), not "
       "a segment at a time, and the mark is dropped for what follows: fio 1M writes take "
-      "at most 2.5 receives per MiB; fio verify 4k-1M over TCP; Unix unaffected. Over both, "
+      "at most 1.25 receives per MiB; fio verify 4k-1M over TCP; Unix unaffected. Over both, "
       "after a large WRITE the next header is read short, so at least 97.5% of 1M writes' "
       "payloads go straight into the disk, not through the input buffer",
       timeout=300, extra=["-D", "nbd"])
@@ -645,7 +645,9 @@ def t_tcp_lowat(d):
         print("# %s: %d receives for %d MiB of 1 MiB payloads (%.2f per MiB), %.2f%% in place"
               % ("TCP" if tcp else "Unix", nrecv, nbytes // MiB, per_mib, in_place * 100))
         if tcp:
-            check(per_mib <= 2.5, "TCP: %d receives for %d MiB of 1 MiB payloads (%.2f per MiB)"
+            # 1.00 since the rest of a payload waits for the mark (1.9 when
+            # the part already there was received right after the header)
+            check(per_mib <= 1.25, "TCP: %d receives for %d MiB of 1 MiB payloads (%.2f per MiB)"
                   % (nrecv, nbytes // MiB, per_mib))
         else:
             check(per_mib >= 1.0, "Unix: %.2f receives per MiB" % per_mib)

@@ -167,6 +167,7 @@ struct nbd_conn {
   bool rx_peek;                 /* the last WRITE was large: read the next header short (rx_cap) */
   bool tcp;                     /* a TCP connection: SO_RCVLOWAT for payloads */
   int lowat;                    /* SO_RCVLOWAT now (conn_lowat) */
+  bool rx_await;                /* a large payload just began: receive it once the mark is set (conn_lowat) */
 
   struct nbd_req *free_reqs;
   unsigned nreqs;               /* allocated and not on the free list */
@@ -253,11 +254,15 @@ void nbd_conn_post(struct nbd_conn *c, void (*fn)(void *arg), void *arg);
 bool nbd_conn_skip_input(struct nbd_conn *c);
 
 /* transmission.c */
-/* Receive what the socket has of the pending WRITE's payload straight into
- * the disk (write_direct).  Returns recv's result (bytes, 0 at end of input,
- * -1 with errno), or -2 if the disk would not take it that way (the caller
+/* Receive what the socket has of the pending WRITE's payload (want bytes
+ * at most) straight into the disk (write_direct), and in the same recvmsg
+ * up to tail_len bytes after it into tail (the next request's header).
+ * Returns recvmsg's result (bytes of both, 0 at end of input, -1 with
+ * errno), or -2 if the disk would not take it that way (the caller
  * receives into the request's buffer instead). */
-ssize_t nbd_tx_recv_direct(struct nbd_conn *c, size_t want);
+ssize_t nbd_tx_recv_direct(struct nbd_conn *c, size_t want, void *tail, size_t tail_len);
+/* The size of a request header on c (28, or 32 with extended headers). */
+size_t nbd_tx_hlen(const struct nbd_conn *c);
 /* Parse complete requests in c->rbuf (and continue a pending payload).
  * Called on c's loop. */
 void nbd_tx_process(struct nbd_conn *c);

@@ -702,16 +702,29 @@ static void conn_read(struct nbd_conn *c)
   c->rx_drained = false;
   for (int i = 0; i < 16; i++) {
     ssize_t n;
-    size_t want;
+    size_t want, tail = 0;
 
     if ((c->state != NBD_CONN_HANDSHAKE && c->state != NBD_CONN_TRANSMISSION) || c->throttled)
       break;
     if (c->payload_req) {
       struct nbd_req *r = c->payload_req;
+
+      if (c->rx_await)
+        break;   /* not before the mark is set for its rest (conn_lowat) */
+      /* With the payload's rest, the next request's header, if it is
+       * there: one recvmsg instead of two, and the next payload goes
+       * wholly in place too.  (rbuf is empty while a payload is pending.) */
+      rbuf_compact(c);
+      tail = nbd_tx_hlen(c);
+      if (tail > NBD_RBUF_SIZE - c->rend)
+        tail = NBD_RBUF_SIZE - c->rend;
       want = r->len - c->payload_got;
-      n = nbd_tx_recv_direct(c, want);   /* a RAM disk takes it in place */
-      if (n == -2)
-        n = recv(c->fd, r->buf + c->payload_got, want, 0);
+      n = nbd_tx_recv_direct(c, want, c->rbuf + c->rend, tail);   /* a RAM disk takes it in place */
+      if (n == -2) {
+        struct iovec iov[2] = { { r->buf + c->payload_got, want }, { c->rbuf + c->rend, tail } };
+        struct msghdr m = { .msg_iov = iov, .msg_iovlen = tail ? 2 : 1 };
+        n = recvmsg(c->fd, &m, 0);
+      }
     } else {
       rbuf_compact(c);
       want = rx_cap(c, NBD_RBUF_SIZE - c->rend);
@@ -731,9 +744,12 @@ static void conn_read(struct nbd_conn *c)
       break;
     }
     if (c->payload_req) {
-      c->payload_got += (size_t)n;
-      c->payload_bytes += (size_t)n;
+      size_t p = (size_t)n < want ? (size_t)n : want;
+      c->payload_got += p;
+      c->payload_bytes += p;
       c->payload_recvs++;
+      c->rend += (size_t)n - p;
+      want += tail;
     } else
       c->rend += (size_t)n;
     conn_process(c);
@@ -1082,7 +1098,13 @@ static void conn_recv_async(struct nbd_conn *c)
  * end of input.  Loopback TCP delivers a 1 MiB payload in 64 KiB segments:
  * fio 1M write QD8 to a RAM disk went from 5.3 to 1.7 receives per MiB, the
  * server from 162 to 124 us per MiB and the rate from 4,021 to 5,539 MiB/s.
- * (A Unix socket's poll does not look at SO_RCVLOWAT.)  Plain sockets
+ * A large payload that has just begun is not received before the mark is
+ * set for it (rx_await): received right after its header, the part there
+ * by then was one receive more per payload, and a wake-up more for the
+ * rest (1.9 receives per MiB, against 1.0 now).  Together with the next
+ * header taken with the rest (conn_read): 97 against 108 us per MiB, the
+ * medians of 9 alternating runs.  (A Unix socket's poll does not look at
+ * SO_RCVLOWAT.)  Plain sockets
  * only: under TLS, bytes a library had already taken from the socket would
  * not wake us. */
 static void conn_lowat(struct nbd_conn *c)
@@ -1095,6 +1117,7 @@ static void conn_lowat(struct nbd_conn *c)
     size_t rest = c->payload_req->len - c->payload_got;   /* >= 1 while it is pending */
     want = rest > NBD_LOWAT_MAX ? (int)NBD_LOWAT_MAX : (int)rest;
   }
+  c->rx_await = false;
   if (want == c->lowat)
     return;
   if (setsockopt(c->fd, SOL_SOCKET, SO_RCVLOWAT, &want, sizeof want) == 0)

@@ -443,6 +443,7 @@ static void tx_request(struct nbd_conn *c, uint16_t flags, uint16_t cmd, uint64_
     c->payload_req = r;
     c->payload_got = 0;
     c->rx_peek = len >= NBD_SPLICE_MIN;
+    c->rx_await = c->tcp && len >= NBD_SPLICE_MIN;
     return;
   }
   tx_submit(c, r);
@@ -458,25 +459,31 @@ static ssize_t fill_mem(void *dst, size_t len, void *arg)
 
 struct fill_recv {
   int fd;
+  void *tail;        /* up to tail_len bytes after the payload go here */
+  size_t tail_len;
   bool called;
-  ssize_t res;
+  ssize_t res;       /* recvmsg's result: payload and tail */
   int err;
 };
 
 static ssize_t fill_recv(void *dst, size_t len, void *arg)
 {
   struct fill_recv *f = arg;
+  struct iovec iov[2] = { { dst, len }, { f->tail, f->tail_len } };
+  struct msghdr m = { .msg_iov = iov, .msg_iovlen = f->tail_len ? 2 : 1 };
 
   f->called = true;
-  f->res = recv(f->fd, dst, len, 0);
+  f->res = recvmsg(f->fd, &m, 0);
   f->err = errno;
-  return f->res < 0 ? 0 : f->res;
+  if (f->res < 0)
+    return 0;
+  return f->res < (ssize_t)len ? f->res : (ssize_t)len;
 }
 
-ssize_t nbd_tx_recv_direct(struct nbd_conn *c, size_t want)
+ssize_t nbd_tx_recv_direct(struct nbd_conn *c, size_t want, void *tail, size_t tail_len)
 {
   struct nbd_req *r = c->payload_req;
-  struct fill_recv f = { .fd = c->fd };
+  struct fill_recv f = { .fd = c->fd, .tail = tail, .tail_len = tail_len };
 
   if (!r->direct)
     return -2;
@@ -487,9 +494,14 @@ ssize_t nbd_tx_recv_direct(struct nbd_conn *c, size_t want)
     return -2;
   }
   if (f.res > 0)
-    r->direct_len += (uint64_t)f.res;
+    r->direct_len += (uint64_t)f.res < want ? (uint64_t)f.res : want;
   errno = f.err;
   return f.res;
+}
+
+size_t nbd_tx_hlen(const struct nbd_conn *c)
+{
+  return c->hs.extended ? 32 : 28;
 }
 
 /* Copy what rbuf holds of the pending WRITE's data; submit it when whole.
