@@ -167,7 +167,7 @@ struct nbd_conn {
   bool rx_peek;                 /* the last WRITE was large: read the next header short (rx_cap) */
   bool tcp;                     /* a TCP connection: SO_RCVLOWAT for payloads */
   int lowat;                    /* SO_RCVLOWAT now (conn_lowat) */
-  bool rx_await;                /* a large payload just began: receive it once the mark is set (conn_lowat) */
+  bool rx_await;                /* a large payload began: receive it once its mark is set */
 
   struct nbd_req *free_reqs;
   unsigned nreqs;               /* allocated and not on the free list */

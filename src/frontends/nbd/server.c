@@ -1104,9 +1104,8 @@ static void conn_recv_async(struct nbd_conn *c)
  * rest (1.9 receives per MiB, against 1.0 now).  Together with the next
  * header taken with the rest (conn_read): 97 against 108 us per MiB, the
  * medians of 9 alternating runs.  (A Unix socket's poll does not look at
- * SO_RCVLOWAT.)  Plain sockets
- * only: under TLS, bytes a library had already taken from the socket would
- * not wake us. */
+ * SO_RCVLOWAT.)  Plain sockets only: under TLS, bytes a library had
+ * already taken from the socket would not wake us. */
 static void conn_lowat(struct nbd_conn *c)
 {
   int want = 1;
