@@ -540,7 +540,7 @@ static bool tx_payload(struct nbd_conn *c)
 
 void nbd_tx_process(struct nbd_conn *c)
 {
-  size_t hlen = c->hs.extended ? 32 : 28;
+  size_t hlen = nbd_tx_hlen(c);
 
   while (c->state == NBD_CONN_TRANSMISSION) {
     size_t avail = c->rend - c->rstart;
