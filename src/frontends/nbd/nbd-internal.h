@@ -255,12 +255,12 @@ bool nbd_conn_skip_input(struct nbd_conn *c);
 
 /* transmission.c */
 /* Receive what the socket has of the pending WRITE's payload (want bytes
- * at most) straight into the disk (write_direct), and in the same recvmsg
- * up to tail_len bytes after it into tail (the next request's header).
- * Returns recvmsg's result (bytes of both, 0 at end of input, -1 with
- * errno), or -2 if the disk would not take it that way (the caller
- * receives into the request's buffer instead). */
-ssize_t nbd_tx_recv_direct(struct nbd_conn *c, size_t want, void *tail, size_t tail_len);
+ * at most) straight into the disk (write_direct: a RAM disk takes it in
+ * place), or into the request's buffer if the disk will not take it that
+ * way, and in the same recvmsg up to tail_len bytes after it into tail
+ * (the next request's header).  Returns recvmsg's result (bytes of both,
+ * 0 at end of input, -1 with errno). */
+ssize_t nbd_tx_recv_payload(struct nbd_conn *c, size_t want, void *tail, size_t tail_len);
 /* The size of a request header on c (28, or 32 with extended headers). */
 size_t nbd_tx_hlen(const struct nbd_conn *c);
 /* Parse complete requests in c->rbuf (and continue a pending payload).

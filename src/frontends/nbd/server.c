@@ -719,12 +719,7 @@ static void conn_read(struct nbd_conn *c)
       if (tail > NBD_RBUF_SIZE - c->rend)
         tail = NBD_RBUF_SIZE - c->rend;
       want = r->len - c->payload_got;
-      n = nbd_tx_recv_direct(c, want, c->rbuf + c->rend, tail);   /* a RAM disk takes it in place */
-      if (n == -2) {
-        struct iovec iov[2] = { { r->buf + c->payload_got, want }, { c->rbuf + c->rend, tail } };
-        struct msghdr m = { .msg_iov = iov, .msg_iovlen = tail ? 2 : 1 };
-        n = recvmsg(c->fd, &m, 0);
-      }
+      n = nbd_tx_recv_payload(c, want, c->rbuf + c->rend, tail);
     } else {
       rbuf_compact(c);
       want = rx_cap(c, NBD_RBUF_SIZE - c->rend);

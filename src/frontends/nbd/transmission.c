@@ -457,6 +457,16 @@ static ssize_t fill_mem(void *dst, size_t len, void *arg)
   return (ssize_t)len;
 }
 
+/* One recvmsg of up to len bytes into dst and, after them, up to tail_len
+ * into tail: a payload's rest and the next request's header in one call. */
+static ssize_t recv_with_tail(int fd, void *dst, size_t len, void *tail, size_t tail_len)
+{
+  struct iovec iov[2] = { { dst, len }, { tail, tail_len } };
+  struct msghdr m = { .msg_iov = iov, .msg_iovlen = tail_len ? 2 : 1 };
+
+  return recvmsg(fd, &m, 0);
+}
+
 struct fill_recv {
   int fd;
   void *tail;        /* up to tail_len bytes after the payload go here */
@@ -469,34 +479,32 @@ struct fill_recv {
 static ssize_t fill_recv(void *dst, size_t len, void *arg)
 {
   struct fill_recv *f = arg;
-  struct iovec iov[2] = { { dst, len }, { f->tail, f->tail_len } };
-  struct msghdr m = { .msg_iov = iov, .msg_iovlen = f->tail_len ? 2 : 1 };
 
   f->called = true;
-  f->res = recvmsg(f->fd, &m, 0);
+  f->res = recv_with_tail(f->fd, dst, len, f->tail, f->tail_len);
   f->err = errno;
   if (f->res < 0)
     return 0;
   return f->res < (ssize_t)len ? f->res : (ssize_t)len;
 }
 
-ssize_t nbd_tx_recv_direct(struct nbd_conn *c, size_t want, void *tail, size_t tail_len)
+ssize_t nbd_tx_recv_payload(struct nbd_conn *c, size_t want, void *tail, size_t tail_len)
 {
   struct nbd_req *r = c->payload_req;
   struct fill_recv f = { .fd = c->fd, .tail = tail, .tail_len = tail_len };
 
-  if (!r->direct)
-    return -2;
-  vdb_disk_write_direct(c->disk, r->offset + c->payload_got, want, c->payload_got == 0,
-                        fill_recv, &f);
-  if (!f.called) {
+  if (r->direct) {
+    vdb_disk_write_direct(c->disk, r->offset + c->payload_got, want, c->payload_got == 0,
+                          fill_recv, &f);
+    if (f.called) {
+      if (f.res > 0)
+        r->direct_len += (uint64_t)f.res < want ? (uint64_t)f.res : want;
+      errno = f.err;
+      return f.res;
+    }
     r->direct = false;   /* paused, refused, not offered: through r->buf */
-    return -2;
   }
-  if (f.res > 0)
-    r->direct_len += (uint64_t)f.res < want ? (uint64_t)f.res : want;
-  errno = f.err;
-  return f.res;
+  return recv_with_tail(c->fd, r->buf + c->payload_got, want, tail, tail_len);
 }
 
 size_t nbd_tx_hlen(const struct nbd_conn *c)
