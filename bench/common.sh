@@ -1,10 +1,11 @@
-# bench/common.sh — shell helpers shared by bench/memory, bench/scale, bench/loop.
+# bench/common.sh — shell helpers shared by bench/run, bench/loop, bench/memory,
+# bench/scale, bench/stream and bench/all.
 # Source it after setting NAME (the script's name, for messages and the
 # default output file /tmp/vdbus-bench/$NAME.md).  It sets HERE ROOT PY LIB,
 # and provides: log die need build_vdbus make_workspace start_bg stop_pid
 # wait_uri start_vdbusd vdbus_cli precondition_nbd source_rev.
-# Cleanup (servers, extra cleanup hooks in CLEANUP_HOOKS, the temp dir) runs on
-# exit, Ctrl-C and SIGTERM.
+# Cleanup (hooks in CLEANUP_HOOKS, the servers, hooks in CLEANUP_AFTER_HOOKS,
+# the temp dir) runs on exit, Ctrl-C and SIGTERM.
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
@@ -60,7 +61,8 @@ build_vdbus() {
 }
 
 PIDS=()
-CLEANUP_HOOKS=()
+CLEANUP_HOOKS=()         # run first, while the servers still run (detach loop devices, …)
+CLEANUP_AFTER_HOOKS=()   # run once they are gone, before $W is removed (unmount what they used)
 W=
 _cleanup() {
   local rc=$?
@@ -73,6 +75,7 @@ _cleanup() {
     kill -KILL "$p" 2>/dev/null || true
     wait "$p" 2>/dev/null || true
   done
+  for h in "${CLEANUP_AFTER_HOOKS[@]}"; do "$h" || true; done
   [ -n "$W" ] && rm -rf "$W"
   damon_resume
   exit $rc
